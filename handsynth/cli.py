@@ -1,0 +1,83 @@
+"""handsynth command line. Thin: parse arguments, call a stage, report.
+
+Heavy libraries (torch, pyrender, diffusers) are imported inside the stage functions so that
+``handsynth --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from handsynth import __version__
+from handsynth.console import console
+from handsynth.errors import HandsynthError
+
+app = typer.Typer(
+    name="handsynth",
+    help=(
+        "Synthesise in-the-wild 3D hand training data with AttentionHand: render MANO labels "
+        "into mesh images, generate images with Stable Diffusion + hand guidance, export "
+        "WebDataset shards paired with the original 3D labels."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"handsynth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# --- commands: each lives beside the stage it drives ---------------------------------------
+from handsynth.doctor import doctor  # noqa: E402
+
+app.command("doctor")(doctor)
+# (further stage commands are registered below, one line each)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app, turn HandsynthError into one clear paragraph."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except HandsynthError as exc:
+        if debug:
+            console.print_exception()
+        console.print(f"[bold red]error:[/bold red] {exc.message}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished items are kept; rerun the same command to resume[/yellow]")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return 1
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

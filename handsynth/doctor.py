@@ -1,0 +1,124 @@
+"""``handsynth doctor``: check what a run needs and say how to provide each missing piece."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from handsynth.console import stdout
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def check_renderer() -> Check:
+    from handsynth.render.backend import configure_platform
+
+    platform = configure_platform()
+    try:
+        import numpy as np
+        import pyrender
+
+        renderer = pyrender.OffscreenRenderer(8, 8)
+        try:
+            color, _ = renderer.render(pyrender.Scene(bg_color=np.zeros(4)))
+        finally:
+            renderer.delete()
+        return Check("renderer", True, f"pyrender offscreen via {platform} ({color.shape[1]}x{color.shape[0]} test frame)")
+    except Exception as exc:  # any failure to create a GL context lands here
+        return Check(
+            "renderer", False, f"pyrender could not create a {platform} context: {exc}",
+            "install Mesa's EGL (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri) or set "
+            "PYOPENGL_PLATFORM=osmesa with libosmesa6 and PyOpenGL>=3.1.4",
+        )
+
+
+def check_mano(mano_dir: Optional[Path]) -> Check:
+    from handsynth.errors import HandsynthError
+    from handsynth.hand_model import load_mano_arrays, resolve_mano_dir
+
+    try:
+        root = resolve_mano_dir(mano_dir)
+        sides = [load_mano_arrays(root, side)["path"].name for side in ("right", "left")]
+    except HandsynthError as exc:
+        return Check("MANO model", False, exc.what, exc.fix or "")
+    return Check("MANO model", True, f"{', '.join(sides)} in {root}")
+
+
+def check_gpu() -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check("GPU", False, f"no CUDA device visible to torch {torch.__version__} "
+                     "(render and export run on CPU; generate and train need a GPU for real sizes)",
+                     "on a GPU machine run HANDSYNTH_TORCH=cuda ./setup.sh in a fresh venv", required=False)
+    name = torch.cuda.get_device_name(0)
+    dtypes = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return Check("GPU", True, f"{name}, {mem:.0f} GiB, dtypes {'/'.join(dtypes)}")
+
+
+def check_model(model: str) -> Check:
+    path = Path(model).expanduser()
+    if path.exists():
+        ok = (path / "model_index.json").exists() or (path / "config.json").exists()
+        return Check(f"model {model}", ok, "local folder" + ("" if ok else " without model_index.json/config.json"),
+                     "point to a folder written by save_pretrained (diffusers layout)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        where = snapshot_download(model, local_files_only=True, allow_patterns=["model_index.json", "config.json"])
+        return Check(f"model {model}", True, f"in the Hugging Face cache ({where})")
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return Check(f"model {model}", False, "not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+                     f"on a machine with internet run `huggingface-cli download {model}` and copy the cache "
+                     "(~/.cache/huggingface) here, or pass a local folder")
+    return Check(f"model {model}", False, "not cached locally (it would be downloaded on first use)",
+                 f"run `huggingface-cli download {model}` once, or pass a local diffusers folder", required=False)
+
+
+def check_disk(path: Path, need_gib: float = 5.0) -> Check:
+    path = path if path.exists() else Path.cwd()
+    free = shutil.disk_usage(path).free / 2**30
+    return Check("disk", free >= need_gib, f"{free:.1f} GiB free at {path.resolve()}",
+                 f"free space or choose another --out: a 10k-image run needs about {need_gib:.0f} GiB")
+
+
+def doctor(
+    mano_dir: Annotated[Optional[Path], typer.Option(help="Folder with MANO_RIGHT.pkl/MANO_LEFT.pkl "
+                                                     "(default: $HANDSYNTH_MANO_DIR).")] = None,
+    model: Annotated[str, typer.Option(help="Base Stable Diffusion 1.5 model id or folder.")] = DEFAULT_BASE_MODEL,
+    out: Annotated[Path, typer.Option(help="Where outputs will go (for the disk check).")] = Path("."),
+) -> None:
+    """Check the renderer, MANO files, GPU, model files and disk space, and say how to fix what is missing."""
+    checks: list[Callable[[], Check]] = [
+        check_renderer, lambda: check_mano(mano_dir), check_gpu, lambda: check_model(model),
+        lambda: check_disk(out),
+    ]
+    failed = 0
+    for make in checks:
+        c = make()
+        mark = "[green]ok[/green]" if c.ok else ("[red]MISSING[/red]" if c.required else "[yellow]warn[/yellow]")
+        stdout.print(f"{mark:>24}  [bold]{c.name}[/bold]: {c.detail}", soft_wrap=True)
+        if not c.ok:
+            stdout.print(f"{'':>10}fix: {c.fix}", soft_wrap=True)
+            failed += c.required
+    if failed:
+        stdout.print(f"{failed} required piece(s) missing.")
+        raise typer.Exit(1)
+    stdout.print("everything a run needs is in place.")
