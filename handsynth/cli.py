@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turn HandsynthError into one clear paragraph."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="handsynth")  # standalone mode: usage errors print and exit 2
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except HandsynthError as exc:
         if debug:
             console.print_exception()
@@ -65,17 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished items are kept; rerun the same command to resume[/yellow]")
         return 130
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        return 1
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
     return 0
 
 

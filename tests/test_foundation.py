@@ -1,0 +1,81 @@
+"""Keys, atomic writes, manifests and the CLI's error handling."""
+
+import json
+import pytest
+
+from handsynth import keys
+from handsynth.cli import main
+from handsynth.errors import InputError, OutputError
+from handsynth.io import (atomic_path, ensure_writable_dir, new_manifest, read_json, read_manifest,
+                          write_json_atomic)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Capture0/ROM03_RT_No_Occlusion/cam400262/image39.jpg", "capture0-rom03_rt_no_occlusion-cam400262-image39-jpg"),
+    ("000000000036.JPG", "000000000036-jpg"),
+    ("..", "x"),
+])
+def test_sanitize(raw, expected):
+    assert keys.sanitize(raw) == expected
+    assert keys.is_valid_key(keys.sanitize(raw))
+
+
+def test_keys_are_stable_dotless_and_distinct():
+    a = keys.frame_key("ih", "Capture0", 400262, 39)
+    assert a == "ih_capture0_400262_39"
+    assert keys.sample_key(a, 7) == "ih_capture0_400262_39_v00007"
+    long1, long2 = keys.sanitize("a" * 200 + "1"), keys.sanitize("a" * 200 + "2")
+    assert long1 != long2 and len(long1) <= keys.MAX_STEM and "." not in long1
+    with pytest.raises(ValueError):
+        keys.sample_key(a, -1)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "labels.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left behind
+
+
+def test_write_json_rejects_nan(tmp_path):
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "x.json", {"v": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_read_json_errors_name_file_and_position(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(InputError) as err:
+        read_json(bad, what="labels file")
+    assert str(bad) in err.value.message and "line 2" in err.value.message
+    with pytest.raises(InputError, match="does not exist"):
+        read_json(tmp_path / "missing.json")
+
+
+def test_unwritable_path_is_output_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError) as err:
+        ensure_writable_dir(blocker / "out")
+    assert "--out" in err.value.message
+
+
+def test_manifest_roundtrip_and_stage_check(tmp_path):
+    write_json_atomic(tmp_path / "manifest.json", new_manifest("render", command=["handsynth", "render"], counts={"n": 2}))
+    m = read_manifest(tmp_path, stage="render")
+    assert m["counts"] == {"n": 2} and m["versions"]["torch"]
+    with pytest.raises(InputError, match="'render' stage, not 'generate'"):
+        read_manifest(tmp_path, stage="generate")
+    with pytest.raises(InputError, match="not a handsynth run directory"):
+        read_manifest(tmp_path / "nope")
+
+
+def test_cli_version_and_usage_errors(capsys):
+    assert main(["--version"]) == 0
+    assert "handsynth 0.1.0" in capsys.readouterr().out
+    assert main(["no-such-command"]) == 2
