@@ -1,0 +1,162 @@
+"""Headless pyrender rendering of hand meshes in AttentionHand's style.
+
+Input meshes are in OpenCV camera space (metres; x right, y down, z forward) and cameras are
+pinhole intrinsics K in pixels with pixel centres at integers (see geometry.py). pyrender uses
+OpenGL conventions (y up, looking down -z, pixel edges at integers), so vertices are turned by
+diag(1, -1, -1) - a rotation, which keeps face winding - and the principal point is shifted by
+half a pixel. The camera sits at the scene origin; lights are fixed in camera space, so every
+hand is lit the same way wherever it is.
+
+Styles: "mesh" - a smooth-shaded near-white mesh (base colour (1.0, 1.0, 0.9)) on pure black, as
+in AttentionHand's mesh images; "depth" - grey levels from near (bright) to far (dim) over the
+meshes' own depth range, black background.
+
+One pyrender.OffscreenRenderer is created lazily and reused for every frame; pyrender resizes
+its framebuffer when the viewport changes. Rendering is deterministic: the same input gives the
+same bytes on the same machine and driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from handsynth.render.backend import configure_platform
+
+STYLES = ("mesh", "depth")
+BASE_COLOR = (1.0, 1.0, 0.9, 1.0)
+ZNEAR, ZFAR = 0.01, 100.0                     # metres: hands are expected at 0.2-5 m
+AMBIENT = (0.35, 0.35, 0.35)
+# Directional lights in OpenCV camera space: (direction the light travels, intensity). The set is
+# mirror-symmetric left/right, so a left hand renders as the mirror image of the right hand.
+LIGHTS = (
+    ((0.0, 0.0, 1.0), 1.6),                   # key light from the camera
+    ((0.0, 0.8, 0.6), 1.2),                   # from above, grazing: shades the finger creases
+    ((0.7, -0.3, 0.65), 0.5),                 # soft fills from below-left and below-right
+    ((-0.7, -0.3, 0.65), 0.5),
+)
+_CV_TO_GL = np.diag([1.0, -1.0, -1.0])
+
+Mesh = tuple[np.ndarray, np.ndarray]          # vertices (V, 3) camera space metres, faces (F, 3) int
+
+
+@dataclass(frozen=True)
+class View:
+    """A pinhole view: intrinsics K (3, 3, pixels) and output image size (width, height)."""
+
+    K: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclass
+class Rendering:
+    """One rendered view: ``color`` uint8 (H, W, 3) RGB; ``depth`` float32 (H, W) camera Z in metres, 0 = empty."""
+
+    color: np.ndarray
+    depth: np.ndarray
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Silhouette of all meshes: bool (H, W)."""
+        return self.depth > 0
+
+
+def oriented_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """``faces`` wound so that their normals point outwards (positive signed volume).
+
+    MANO files differ in the winding of the left hand; lighting and back-face culling need
+    outward normals, so a mesh whose signed volume is negative gets its faces reversed.
+    """
+    tri = vertices[faces]
+    signed_volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum()
+    return faces[:, ::-1] if signed_volume < 0 else faces
+
+
+def _light_pose(direction: Sequence[float]) -> np.ndarray:
+    """Pose of a pyrender directional light (which shines along its -z) travelling along ``direction`` (OpenCV)."""
+    d = _CV_TO_GL @ np.asarray(direction, dtype=np.float64)
+    z = -d / np.linalg.norm(d)
+    helper = np.array([0.0, 1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    x = np.cross(helper, z)
+    x /= np.linalg.norm(x)
+    pose = np.eye(4)
+    pose[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
+    return pose
+
+
+class HandRenderer:
+    """Renders several hand meshes, z-buffered together, through one or more pinhole views.
+
+    Use as a context manager (or call :meth:`close`) to release the GL context.
+    """
+
+    def __init__(self, style: str = "mesh"):
+        if style not in STYLES:
+            raise ValueError(f"unknown render style {style!r}; known: {', '.join(STYLES)}")
+        self.style = style
+        configure_platform()
+        import pyrender
+
+        self._pyrender = pyrender
+        self._offscreen = None
+        self._material = pyrender.MetallicRoughnessMaterial(
+            metallicFactor=0.0, roughnessFactor=0.7, alphaMode="OPAQUE", baseColorFactor=BASE_COLOR)
+
+    def render(self, meshes: Sequence[Mesh], views: Sequence[View]) -> list[Rendering]:
+        """Render ``meshes`` (camera-space vertices and faces) once per view, in the order given."""
+        import trimesh
+
+        pyrender = self._pyrender
+        scene = pyrender.Scene(bg_color=np.zeros(4), ambient_light=np.array(AMBIENT))
+        z_range = []
+        for vertices, faces in meshes:
+            vertices = np.asarray(vertices, dtype=np.float64)
+            faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
+            tm = trimesh.Trimesh(vertices @ _CV_TO_GL.T, faces, process=False)
+            scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True))
+            z_range += [vertices[:, 2].min(), vertices[:, 2].max()]
+        for direction, intensity in LIGHTS:
+            scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=intensity),
+                      pose=_light_pose(direction))
+        out = []
+        camera_node = None
+        for view in views:
+            (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
+            camera = pyrender.IntrinsicsCamera(fx, fy, cx + 0.5, cy + 0.5, znear=ZNEAR, zfar=ZFAR)
+            if camera_node is not None:
+                scene.remove_node(camera_node)
+            camera_node = scene.add(camera, pose=np.eye(4))
+            color, depth = self._render_scene(scene, view.size)
+            if self.style == "depth":
+                color = _depth_image(depth, min(z_range, default=0.0), max(z_range, default=1.0))
+            out.append(Rendering(color=color, depth=depth))
+        return out
+
+    def _render_scene(self, scene, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        width, height = int(size[0]), int(size[1])
+        if self._offscreen is None:
+            self._offscreen = self._pyrender.OffscreenRenderer(width, height)
+        self._offscreen.viewport_width, self._offscreen.viewport_height = width, height
+        color, depth = self._offscreen.render(scene)
+        return np.ascontiguousarray(color[..., :3], dtype=np.uint8), depth.astype(np.float32)
+
+    def close(self) -> None:
+        if self._offscreen is not None:
+            self._offscreen.delete()
+            self._offscreen = None
+
+    def __enter__(self) -> HandRenderer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _depth_image(depth: np.ndarray, z_near: float, z_far: float) -> np.ndarray:
+    """Grey RGB image of ``depth``: 255 at ``z_near``, 64 at ``z_far`` (metres), black where empty."""
+    span = max(z_far - z_near, 1e-6)
+    level = 255.0 - 191.0 * np.clip((depth - z_near) / span, 0.0, 1.0)
+    grey = np.where(depth > 0, np.rint(level), 0).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
