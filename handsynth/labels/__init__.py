@@ -1,0 +1,48 @@
+"""Label readers: every supported source format -> one in-memory schema (handsynth.labels.schema).
+
+    read_labels(path, format=None, *, limit=None) -> LabelSet(format, frames, sources, skipped)
+
+The format is judged from the file's content (``detect_format``); ``format`` overrides it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from handsynth.errors import InputError
+from handsynth.labels.base import LabelSet
+from handsynth.labels.detect import FORMATS, check_format, detect_format, sniff, undetectable
+from handsynth.labels.schema import Camera, Frame, Hand
+
+__all__ = ["FORMATS", "Camera", "Frame", "Hand", "LabelSet", "detect_format", "read_labels"]
+
+
+def read_labels(path: str | Path, format: str | None = None, *,
+                limit: int | None = None) -> LabelSet:
+    """Read the labels at ``path`` (any file of a multi-file set) into Frames, in source order.
+
+    ``limit`` keeps the first ``limit`` usable frames. Raises InputError on unreadable,
+    malformed or inconsistent input, naming the file, record and field.
+    """
+    path = Path(path)
+    if format is not None:
+        check_format(format)
+    if limit is not None and limit < 0:
+        raise InputError(f"limit must be >= 0, got {limit}", where="--limit",
+                         fix="pass a non-negative number of frames")
+    if path.is_dir():
+        raise InputError("--labels names a folder, not a label file", where=path,
+                         fix="name a label file (for InterHand2.6M any file of the set)")
+    found = sniff(path)
+    fmt = format or found.format
+    if fmt is None:
+        raise undetectable(path)
+    role = found.role if found.format == fmt else None
+    if fmt == "interhand26m":
+        from handsynth.labels import interhand
+        return interhand.read(path, found.doc, role, limit=limit)
+    if fmt == "coco-neuralannot":
+        from handsynth.labels import coco
+        return coco.read(path, found.doc, role, limit=limit)
+    from handsynth.labels import jsonl
+    return jsonl.read(path, limit=limit)
