@@ -11,8 +11,10 @@ Styles: "mesh" - a smooth-shaded near-white mesh (base colour (1.0, 1.0, 0.9)) o
 in AttentionHand's mesh images; "depth" - grey levels from near (bright) to far (dim) over the
 meshes' own depth range, black background.
 
-One pyrender.OffscreenRenderer is created lazily and reused for every frame; pyrender resizes
-its framebuffer when the viewport changes. Rendering is deterministic: the same input gives the
+One pyrender.OffscreenRenderer per process is created lazily and reused for every frame and
+every HandRenderer (pyrender's EGL teardown terminates the display, which would break any other
+live context, so the one context lives until the process exits); pyrender resizes its
+framebuffer when the viewport changes. Rendering is deterministic: the same input gives the
 same bytes on the same machine and driver.
 """
 
@@ -52,24 +54,29 @@ class View:
 
 @dataclass
 class Rendering:
-    """One rendered view: ``color`` uint8 (H, W, 3) RGB; ``depth`` float32 (H, W) camera Z in metres, 0 = empty."""
+    """One rendered view: ``color`` uint8 (H, W, 3) RGB; ``depth`` float32 (H, W) camera Z in metres, 0 = empty.
+
+    pyrender renders with 4x multisampling: ``color`` edges are anti-aliased (any covered sample
+    makes a pixel non-black), while ``depth`` comes from one sample per pixel.
+    """
 
     color: np.ndarray
     depth: np.ndarray
 
     @property
     def mask(self) -> np.ndarray:
-        """Silhouette of all meshes: bool (H, W)."""
-        return self.depth > 0
+        """Silhouette of all meshes, bool (H, W): pixels with any coverage (non-black colour or depth)."""
+        return (self.depth > 0) | self.color.any(axis=2)
 
 
 def oriented_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """``faces`` wound so that their normals point outwards (positive signed volume).
 
     MANO files differ in the winding of the left hand; lighting and back-face culling need
-    outward normals, so a mesh whose signed volume is negative gets its faces reversed.
+    outward normals, so a mesh whose signed volume is negative gets its faces reversed. The volume
+    is taken about the centroid, so an open mesh (MANO's wrist) is judged by its own shape.
     """
-    tri = vertices[faces]
+    tri = vertices[faces] - vertices.mean(axis=0)
     signed_volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum()
     return faces[:, ::-1] if signed_volume < 0 else faces
 
@@ -87,10 +94,7 @@ def _light_pose(direction: Sequence[float]) -> np.ndarray:
 
 
 class HandRenderer:
-    """Renders several hand meshes, z-buffered together, through one or more pinhole views.
-
-    Use as a context manager (or call :meth:`close`) to release the GL context.
-    """
+    """Renders several hand meshes, z-buffered together, through one or more pinhole views."""
 
     def __init__(self, style: str = "mesh"):
         if style not in STYLES:
@@ -100,7 +104,6 @@ class HandRenderer:
         import pyrender
 
         self._pyrender = pyrender
-        self._offscreen = None
         self._material = pyrender.MetallicRoughnessMaterial(
             metallicFactor=0.0, roughnessFactor=0.7, alphaMode="OPAQUE", baseColorFactor=BASE_COLOR)
 
@@ -135,23 +138,31 @@ class HandRenderer:
         return out
 
     def _render_scene(self, scene, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        width, height = int(size[0]), int(size[1])
-        if self._offscreen is None:
-            self._offscreen = self._pyrender.OffscreenRenderer(width, height)
-        self._offscreen.viewport_width, self._offscreen.viewport_height = width, height
-        color, depth = self._offscreen.render(scene)
+        offscreen = _offscreen(self._pyrender)
+        offscreen.viewport_width, offscreen.viewport_height = int(size[0]), int(size[1])
+        color, depth = offscreen.render(scene)
         return np.ascontiguousarray(color[..., :3], dtype=np.uint8), depth.astype(np.float32)
 
-    def close(self) -> None:
-        if self._offscreen is not None:
-            self._offscreen.delete()
-            self._offscreen = None
 
-    def __enter__(self) -> HandRenderer:
-        return self
+_OFFSCREEN = None
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+
+def _offscreen(pyrender):
+    """The process's one OffscreenRenderer (created on first use, deleted at exit)."""
+    global _OFFSCREEN
+    if _OFFSCREEN is None:
+        import atexit
+
+        _OFFSCREEN = pyrender.OffscreenRenderer(64, 64)
+        atexit.register(_release)
+    return _OFFSCREEN
+
+
+def _release() -> None:
+    global _OFFSCREEN
+    if _OFFSCREEN is not None:
+        _OFFSCREEN.delete()
+        _OFFSCREEN = None
 
 
 def _depth_image(depth: np.ndarray, z_near: float, z_far: float) -> np.ndarray:
