@@ -74,8 +74,8 @@ def read(path: Path, doc: Any, role: str | None, *, limit: int | None = None) ->
         raise InputError(
             "cannot tell which InterHand2.6M file this is (data, camera, joint_3d or MANO)",
             where=path,
-            fix="name one of the set's files (…_data.json, …_camera.json, …_joint_3d.json, "
-                "…_MANO_NeuralAnnot.json) with its original name")
+            fix="name one of the set's files (..._data.json, ..._camera.json, ..._joint_3d.json, "
+                "..._MANO_NeuralAnnot.json) with its original name")
     files = {role: path}
     docs = {role: doc}
     for other, (suffix, holds, required) in KINDS.items():
