@@ -1,0 +1,405 @@
+"""Recipe files: the pydantic schema of a generation run and YAML loading with line-accurate errors.
+
+A recipe says everything about a ``handsynth generate`` run: where the mesh images come from
+(``inputs``), the model, the sampler, the Text Attention Stage (``tas``), the prompts, the seed, the
+image size and format, the batch size and the output folder. Every field except ``prompts`` has a
+default. Unknown keys, wrong types, empty vocabularies, templates naming unknown slots and missing
+input paths raise :class:`~handsynth.errors.InputError` naming the recipe file, the field path
+(e.g. ``sampler.steps``), its line and a fix.
+
+Paths: relative paths written in a recipe (``inputs.*``, ``output``) resolve against the recipe
+file's folder. ``model.base`` / ``model.guidance`` are kept as written (a hub id or a path relative to
+the working directory) unless a folder of that name exists beside the recipe. The default output
+folder, ``runs/<recipe stem>-gen``, is relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+
+from handsynth.doctor import DEFAULT_BASE_MODEL
+from handsynth.errors import InputError
+from handsynth.keys import sanitize
+from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names
+
+EXAMPLE = "recipes/outdoor.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _text_or_mapping(value: Any) -> Any:
+    """Allow a bare string wherever a ``{text: ..., weight: ...}`` entry is expected."""
+    return {"text": value} if isinstance(value, str) else value
+
+
+def _list_or_mapping(value: Any) -> Any:
+    """Allow a slot to be written as a bare list of values."""
+    return {"values": value} if isinstance(value, list) else value
+
+
+class Inputs(_Strict):
+    """Where the mesh images (and, for modalities files, the prompts) come from: exactly one of
+    ``run`` (a ``handsynth render`` run directory) or ``modalities`` (an AttentionHand-style JSON Lines
+    file of ``{"mesh", "text"[, "rgb"]}``; its paths resolve against ``root``, default the file's folder).
+    """
+
+    run: Optional[Path] = None
+    modalities: Optional[Path] = None
+    root: Optional[Path] = None
+
+
+class ModelConfig(_Strict):
+    base: str = DEFAULT_BASE_MODEL
+    guidance: str = "models/attentionhand"
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class SamplerConfig(_Strict):
+    scheduler: Literal["ddim", "dpm++2m", "euler-a", "unipc"] = "ddim"
+    steps: int = Field(20, ge=1, le=1000)
+    guidance_scale: float = Field(9.0, ge=0.0)
+    control_scale: float = Field(1.0, ge=0.0)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    negative_prompt: str = ""
+
+
+class TASSettings(_Strict):
+    """Mirrors ``handsynth.attentionhand.tas.TASConfig`` field by field (see its docstring)."""
+
+    enabled: bool = True
+    max_steps: int = Field(10, ge=0)
+    iterations: int = Field(1, ge=1)
+    step_size_start: float = Field(20.0, ge=0.0)
+    step_size_end: float = Field(10.0, ge=0.0)
+    attention_res: int = Field(16, ge=1)
+    softmax_scale: float = Field(100.0, gt=0.0)
+    kernel_size: int = Field(3, ge=1)
+    sigma: float = Field(0.5, gt=0.0)
+
+
+class ImageConfig(_Strict):
+    size: int = Field(512, ge=64, le=2048, multiple_of=8)
+    format: Literal["jpg", "png"] = "jpg"
+    quality: int = Field(95, ge=1, le=100)
+
+
+class Entry(_Strict):
+    """A weighted piece of text (template or slot value); ``vars`` sets template variables."""
+
+    text: str
+    weight: float = Field(1.0, gt=0.0)
+    vars: dict[str, str] = Field(default_factory=dict)
+
+
+EntryField = Annotated[Entry, BeforeValidator(_text_or_mapping)]
+
+
+class Slot(_Strict):
+    hand: bool = False
+    values: list[EntryField] = Field(min_length=1)
+
+
+class Templates(_Strict):
+    right: list[EntryField] = Field(min_length=1)
+    left: list[EntryField] = Field(min_length=1)
+    both: list[EntryField] = Field(min_length=1)
+
+
+class PromptsConfig(_Strict):
+    templates: Templates
+    slots: dict[str, Annotated[Slot, BeforeValidator(_list_or_mapping)]] = Field(default_factory=dict)
+
+
+class Recipe(_Strict):
+    seed: int = Field(0, ge=0)
+    inputs: Optional[Inputs] = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    tas: TASSettings = Field(default_factory=TASSettings)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    batch_size: int = Field(4, ge=1)
+    output: Optional[Path] = None
+    prompts: Optional[PromptsConfig] = None
+
+    _path: Optional[Path] = PrivateAttr(default=None)
+    _defaults: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The recipe file this was loaded from (None when built in code)."""
+        return self._path
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every field the recipe file left at its default, as ``{dotted.path: value}`` (for printing)."""
+        return dict(self._defaults)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def _node_at(root: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    """The deepest YAML node along a pydantic error location; parts not in the tree are skipped."""
+    node = root
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == part), None)
+            if match is None:
+                continue
+            node = match[0] if part == loc[-1] and not isinstance(match[1], yaml.CollectionNode) else match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+    return node
+
+
+def _key_node(root: yaml.Node | None, loc: tuple) -> yaml.Node | None:
+    """The node of the key itself for a mapping location (so the line is the key's line)."""
+    parent = _node_at(root, loc[:-1])
+    if isinstance(parent, yaml.MappingNode):
+        for k, _ in parent.value:
+            if getattr(k, "value", None) == loc[-1]:
+                return k
+    return _node_at(root, loc)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The pydantic model inside Optional[...] / Annotated[...] / list[...] / dict[str, ...]."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        elif origin in (list, dict):
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return annotation
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The schema model that owns the keys at ``loc`` (for suggesting valid keys)."""
+    model: Any = Recipe
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        if isinstance(part, str) and part in model.model_fields:
+            model = _unwrap(model.model_fields[part].annotation)
+        elif isinstance(part, str) and model is Slot and part != "values":
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _where(path: Path, root: yaml.Node | None, loc: tuple, *, key: bool = False) -> str:
+    node = _key_node(root, loc) if key and loc else _node_at(root, loc)
+    line = f", line {node.start_mark.line + 1}" if node is not None else ""
+    return f"{path}, field {_field_path(loc)}{line}"
+
+
+def _error_from_pydantic(path: Path, root: yaml.Node | None, err: dict, n_errors: int) -> InputError:
+    loc = tuple(err["loc"])
+    kind, more = err["type"], (f" ({n_errors - 1} more problem(s) after this one)" if n_errors > 1 else "")
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        valid = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        fix = (f"did you mean '{close[0]}'? " if close else "remove it or check its spelling; ") + (
+            f"valid keys here: {', '.join(valid)}" if valid else f"see {EXAMPLE}")
+        return InputError(f"unknown key '{loc[-1]}'{more}", where=_where(path, root, loc, key=True), fix=fix)
+    if kind == "missing":
+        return InputError(f"required key '{loc[-1]}' is missing{more}", where=_where(path, root, loc[:-1]),
+                          fix=f"add '{loc[-1]}:' under {_field_path(loc[:-1])} (see {EXAMPLE})")
+    if kind == "too_short" and loc and loc[-1] == "values":
+        return InputError(f"slot '{loc[-2]}' has an empty vocabulary{more}", where=_where(path, root, loc, key=True),
+                          fix="give it at least one value, or remove the slot and the templates' uses of it")
+    if kind == "too_short":
+        return InputError(f"{_field_path(loc)} is empty{more}", where=_where(path, root, loc, key=True),
+                          fix="give it at least one entry")
+    if kind == "literal_error":
+        return InputError(f"{_field_path(loc)} is {given!r}, which is not allowed{more}",
+                          where=_where(path, root, loc), fix=f"use one of {err['ctx']['expected']}")
+    if kind == "model_type" and ("values" in loc or "templates" in loc):
+        return InputError(f"{_field_path(loc)} is a {type(given).__name__}{more}", where=_where(path, root, loc),
+                          fix="write the entry as text, or as a mapping with 'text' and optional 'weight' / 'vars'")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return InputError(f"{_field_path(loc)}: {err['msg'][0].lower() + err['msg'][1:]}, got {shown}{more}",
+                      where=_where(path, root, loc), fix=f"correct the value (the commented example {EXAMPLE} "
+                                                         "shows every field with its default)")
+
+
+def _compose(path: Path, text: str) -> tuple[Any, yaml.Node | None]:
+    """Parse YAML safely, returning the data and its node tree (for line numbers)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_duplicate_keys(path, node)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"the recipe is not valid YAML: {problem}", where=f"{path}{line}",
+                         fix="check indentation, colons and quotes around that line") from None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def _check_duplicate_keys(path: Path, node: yaml.Node, trail: tuple = ()) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for k, v in node.value:
+            if k.value in seen:
+                raise InputError(f"key '{k.value}' appears twice",
+                                 where=f"{path}, field {_field_path(trail + (k.value,))}, line {k.start_mark.line + 1}",
+                                 fix=f"keep one of the two (the first is on line {seen[k.value]})")
+            seen[k.value] = k.start_mark.line + 1
+            _check_duplicate_keys(path, v, trail + (k.value,))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _check_duplicate_keys(path, v, trail + (i,))
+
+
+def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -> None:
+    """Cross-field checks: marked text parses, placeholders name slots or variables every value sets."""
+    for name, slot in prompts.slots.items():
+        for i, value in enumerate(slot.values):
+            for loc, text in [(("prompts", "slots", name, "values", i), value.text)] + [
+                (("prompts", "slots", name, "values", i, "vars", k), t) for k, t in value.vars.items()
+            ]:
+                try:
+                    parse_marked(text)
+                except ValueError as exc:
+                    raise InputError(f"bad slot value {text!r}: {exc}", where=_where(path, root, loc),
+                                     fix="mark hand words as [word] with balanced brackets") from None
+            clash = set(value.vars) & set(prompts.slots)
+            if clash:
+                raise InputError(f"variable '{sorted(clash)[0]}' has the name of a slot",
+                                 where=_where(path, root, ("prompts", "slots", name, "values", i, "vars")),
+                                 fix="rename the variable")
+    for hands in HAND_CONFIGS:
+        for i, entry in enumerate(getattr(prompts.templates, hands)):
+            loc = ("prompts", "templates", hands, i)
+            try:
+                names = placeholder_names(entry.text)
+            except ValueError as exc:
+                raise InputError(f"bad template {entry.text!r}: {exc}", where=_where(path, root, loc),
+                                 fix="write placeholders as {slot_name} and hand words as [word]") from None
+            used = [n for n in names if n in prompts.slots]
+            for n in names:
+                if n in prompts.slots:
+                    continue
+                if any(all(n in v.vars for v in prompts.slots[s].values) for s in used):
+                    continue
+                known = sorted(set(prompts.slots) | {k for s in used for v in prompts.slots[s].values for k in v.vars})
+                close = difflib.get_close_matches(n, known, n=1, cutoff=0.5)
+                hint = f"did you mean '{{{close[0]}}}'? " if close else ""
+                raise InputError(
+                    f"template uses '{{{n}}}', which is neither a slot nor a variable set by every value of a "
+                    f"slot in the same template", where=_where(path, root, loc),
+                    fix=f"{hint}define a slot '{n}' under prompts.slots or fix the name (slots: "
+                        f"{', '.join(sorted(prompts.slots)) or 'none'})")
+
+
+def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
+    """Resolve relative paths against the recipe folder and check that inputs exist."""
+    folder = path.parent.resolve()
+    inputs = recipe.inputs
+    if inputs is not None:
+        if (inputs.run is None) == (inputs.modalities is None):
+            raise InputError("inputs must name exactly one of 'run' or 'modalities'", where=_where(path, root, ("inputs",)),
+                             fix="write `run: <render run directory>` or `modalities: <modalities.json>`")
+        if inputs.root is not None and inputs.modalities is None:
+            raise InputError("inputs.root only applies to a modalities file", where=_where(path, root, ("inputs", "root")),
+                             fix="remove 'root' or use 'modalities'")
+        for name in ("run", "modalities", "root"):
+            value = getattr(inputs, name)
+            if value is None:
+                continue
+            value = value.expanduser()
+            resolved = value if value.is_absolute() else folder / value
+            if not resolved.exists():
+                what = {"run": "render run directory", "modalities": "modalities file", "root": "root folder"}[name]
+                raise InputError(f"the {what} '{value}' does not exist (resolved to {resolved})",
+                                 where=_where(path, root, ("inputs", name)),
+                                 fix="fix the path (relative paths are relative to the recipe's folder)"
+                                     + (" or run `handsynth render` first" if name == "run" else ""))
+            setattr(inputs, name, resolved)
+    if recipe.output is None:
+        recipe.output = Path("runs") / f"{sanitize(path.stem)}-gen"
+    elif not recipe.output.expanduser().is_absolute():
+        recipe.output = folder / recipe.output
+    for name in ("base", "guidance"):
+        value = getattr(recipe.model, name)
+        if not Path(value).expanduser().is_absolute() and (folder / value).exists():
+            setattr(recipe.model, name, str(folder / value))
+    if recipe.prompts is None and (inputs is None or inputs.modalities is None):
+        raise InputError("the recipe has no 'prompts' section", where=_where(path, root, ()),
+                         fix=f"add prompts.templates and prompts.slots (copy them from {EXAMPLE}); only recipes "
+                             "whose inputs are a modalities file, which carries its own prompts, may leave it out")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"recipe file '{path}' not found", where=path,
+                         fix=f"pass the path of a recipe YAML file, e.g. {EXAMPLE}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the recipe: {exc}", where=path, fix="pass a readable UTF-8 YAML file") from None
+    data, root = _compose(path, text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"the recipe must be a mapping of keys, not a {type(data).__name__}", where=path,
+                         fix=f"start from {EXAMPLE}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        raise _error_from_pydantic(path, root, errors[0], len(errors)) from None
+    if recipe.prompts is not None:
+        _check_prompts(path, root, recipe.prompts)
+    defaults = _defaults_used(recipe)
+    _resolve(recipe, root, path)
+    if "output" in defaults:
+        defaults["output"] = recipe.output
+    recipe._path, recipe._defaults = path, defaults
+    return recipe
+
+
+def _defaults_used(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if name not in model.model_fields_set:
+                if isinstance(value, BaseModel):
+                    walk(value, f"{prefix}{name}.")
+                elif name != "prompts":
+                    out[f"{prefix}{name}"] = value
+            elif isinstance(value, BaseModel) and name != "prompts":
+                walk(value, f"{prefix}{name}.")
+
+    walk(recipe, "")
+    return out
