@@ -1,0 +1,406 @@
+"""The render stage: labels -> a run directory of mesh images, local crops and derived labels.
+
+Run directory (read by later stages)::
+
+    <out>/manifest.json        stage "render": command, inputs + sha256, MANO hashes, settings, counts
+    <out>/global/<key>.png     mesh image at the source image size
+    <out>/local/<key>.png      local_size x local_size mesh image through the crop box's intrinsics
+    <out>/rgb_local/<key>.jpg  the same crop of the source RGB (only when the source image exists)
+    <out>/labels/<key>.json    per frame, written LAST: its presence marks the frame complete
+    <out>/labels.jsonl         every complete frame's label in source order, rewritten at the end
+
+Every file is written atomically (temporary name + rename). A rerun of the same command skips
+frames whose label file exists and renders the rest; finished files are never rewritten. PNGs
+are encoded with fixed options and no metadata, so reruns give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handsynth import io
+from handsynth.console import console, progress
+from handsynth.errors import InputError
+from handsynth.labels.schema import Frame, Hand
+from handsynth.render import geometry
+from handsynth.render.renderer import BASE_COLOR, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer, View
+
+STAGE = "render"
+LOCAL_SIZE = 512
+JPEG_QUALITY = 95
+PNG_COMPRESS_LEVEL = 6
+UNITS = {"length": "metres", "image": "pixels, pixel centres at integers (OpenCV)",
+         "pose": "axis-angle radians", "box": "x0, y0, x1, y1 pixels"}
+NO_VALID_HAND = "no_valid_hand"
+MIXED_REASONS = "no_renderable_hand"
+SHOWN_WARNINGS = 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the labels and MANO files that decides a run's output."""
+
+    style: str = "mesh"
+    local_size: int = LOCAL_SIZE
+    crop_scale: float = geometry.DEFAULT_CROP_SCALE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"style": self.style, "local_size": self.local_size, "crop_scale": self.crop_scale}
+
+
+@dataclass
+class FrameResult:
+    """Outcome of one frame: ``rendered`` or ``skipped`` (with ``reason``); hand-level skips counted."""
+
+    key: str
+    status: str
+    reason: str | None = None
+    hand_skips: Counter = field(default_factory=Counter)
+    rgb: bool = False
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    frames: int
+    rendered: int
+    already_done: int
+    skipped: dict[str, int]
+    skipped_hands: dict[str, int]
+    elapsed_s: float
+
+
+# --- one frame -----------------------------------------------------------------------------
+
+class FrameRenderer:
+    """Turns one Frame into its files in ``out``. Holds one HandModel and one HandRenderer."""
+
+    def __init__(self, out: Path, mano_dir: Path | None, settings: Settings):
+        from handsynth.hand_model import JOINT_NAMES, JOINT_ORDER, HandModel
+
+        self.out = Path(out)
+        self.settings = settings
+        self.model = HandModel(mano_dir)
+        self.renderer = HandRenderer(settings.style)
+        self.joint_names, self.joint_order = list(JOINT_NAMES), JOINT_ORDER
+
+    def __call__(self, frame: Frame) -> FrameResult:
+        result = FrameResult(frame.key, "skipped")
+        hands = self._hands_in_camera(frame, result.hand_skips)
+        if not hands:
+            reasons = set(result.hand_skips)
+            result.reason = reasons.pop() if len(reasons) == 1 else (MIXED_REASONS if reasons else NO_VALID_HAND)
+            return result
+        K = frame.camera.K
+        crop = geometry.square_crop_box([h["box"] for h in hands], self.settings.crop_scale)
+        size = self.settings.local_size
+        K_local = geometry.crop_intrinsics(K, crop, size)
+        global_view, local_view = self.renderer.render(
+            [(h["vertices"], h["faces"]) for h in hands],
+            [View(K, tuple(frame.image_size)), View(K_local, (size, size))])
+
+        images = {"global": f"global/{frame.key}.png", "local": f"local/{frame.key}.png"}
+        io.write_bytes_atomic(self.out / images["global"], encode_png(global_view.color))
+        io.write_bytes_atomic(self.out / images["local"], encode_png(local_view.color))
+        rgb = load_rgb(frame)
+        if rgb is not None:
+            images["rgb_local"] = f"rgb_local/{frame.key}.jpg"
+            io.write_bytes_atomic(self.out / images["rgb_local"], encode_jpeg(crop_image(rgb, crop, size)))
+        label = self._label(frame, hands, result.hand_skips, crop, K_local, images)
+        io.write_json_atomic(self.out / "labels" / f"{frame.key}.json", label)
+        result.status, result.rgb = "rendered", rgb is not None
+        return result
+
+    def _hands_in_camera(self, frame: Frame, skips: Counter) -> list[dict[str, Any]]:
+        """MANO (batched per side) -> camera space -> pixels for the frame's valid hands, in label order."""
+        valid = [(i, h) for i, h in enumerate(frame.hands) if h.valid]
+        skips.update({"invalid_hand": len(frame.hands) - len(valid)} if len(valid) < len(frame.hands) else {})
+        placed: dict[int, dict[str, Any]] = {}
+        for side in ("right", "left"):
+            group = [(i, h) for i, h in valid if h.side == side]
+            if not group:
+                continue
+            output = self.model.forward(
+                side, *(np.stack([getattr(h, name) for _, h in group]) for name in ("pose", "shape", "trans")))
+            vertices, joints = _numpy(output.vertices), _numpy(output.joints)
+            faces = np.asarray(self.model.faces(side))
+            for b, (i, hand) in enumerate(group):
+                v_cam = geometry.to_camera(frame.camera, vertices[b])
+                j_cam = geometry.to_camera(frame.camera, joints[b])
+                reason = geometry.visibility(v_cam, None, frame.image_size)
+                box = None if reason else geometry.tight_box(geometry.project(v_cam, frame.camera.K))
+                reason = reason or geometry.visibility(v_cam, box, frame.image_size)
+                if reason:
+                    skips[reason] += 1
+                    continue
+                placed[i] = {"hand": hand, "vertices": v_cam, "faces": faces, "joints": j_cam, "box": box,
+                             "joints_2d": geometry.project(j_cam, frame.camera.K)}
+        return [placed[i] for i in sorted(placed)]
+
+    def _label(self, frame: Frame, hands: list[dict[str, Any]], skips: Counter, crop: np.ndarray,
+               K_local: np.ndarray, images: dict[str, str]) -> dict[str, Any]:
+        cam = frame.camera
+        return {
+            "key": frame.key,
+            "source_format": frame.source_format,
+            "source_id": frame.source_id,
+            "image_size": [int(v) for v in frame.image_size],
+            "image_path": str(frame.image_path) if frame.image_path else None,
+            "units": UNITS,
+            "joint_order": self.joint_order,
+            "joint_names": self.joint_names,
+            "camera": {"focal": list(cam.focal), "princpt": list(cam.princpt),
+                       "R": np.asarray(cam.R).tolist(), "t": np.asarray(cam.t).tolist()},
+            "hands": [_hand_label(h) for h in hands],
+            "skipped_hands": dict(sorted(skips.items())),
+            "crop_box": crop.tolist(),
+            "local_camera": {"size": [self.settings.local_size] * 2,
+                             "focal": [K_local[0, 0], K_local[1, 1]], "princpt": [K_local[0, 2], K_local[1, 2]]},
+            "images": images,
+            "original": frame.original,
+        }
+
+
+def _hand_label(h: dict[str, Any]) -> dict[str, Any]:
+    hand: Hand = h["hand"]
+    return {
+        "side": hand.side,
+        "mano": {"pose": np.asarray(hand.pose).tolist(), "shape": np.asarray(hand.shape).tolist(),
+                 "trans": np.asarray(hand.trans).tolist()},
+        "source_bbox": list(hand.bbox) if hand.bbox is not None else None,
+        "joints_cam": h["joints"].tolist(),
+        "joints_2d": h["joints_2d"].tolist(),
+        "box": h["box"].tolist(),
+        "vertices_sha256": hashlib.sha256(np.ascontiguousarray(h["vertices"], dtype="<f8").tobytes()).hexdigest(),
+        "vertices_encoding": "camera-space vertices (778, 3) metres as little-endian float64, C order",
+    }
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+# --- images --------------------------------------------------------------------------------
+
+def encode_png(color: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 image with fixed options and no metadata (byte-identical reruns)."""
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.fromarray(color, mode="RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def encode_jpeg(image) -> bytes:
+    buf = _io.BytesIO()
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def load_rgb(frame: Frame):
+    """The frame's source image as RGB (PIL), or None when unknown, missing, unreadable or of another size."""
+    if frame.image_path is None or not Path(frame.image_path).is_file():
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(frame.image_path) as img:
+            rgb = img.convert("RGB")
+    except (OSError, UnidentifiedImageError):
+        console.print(f"[yellow]warning:[/yellow] cannot read image {frame.image_path}; no rgb_local crop")
+        return None
+    if rgb.size != tuple(frame.image_size):
+        console.print(f"[yellow]warning:[/yellow] {frame.image_path} is {rgb.size[0]}x{rgb.size[1]}, labels say "
+                      f"{frame.image_size[0]}x{frame.image_size[1]}; no rgb_local crop")
+        return None
+    return rgb
+
+
+def crop_image(image, box: np.ndarray, size: int):
+    """The square ``box`` (pixel-centre coordinates) of a PIL image resized to ``size`` x ``size``; black outside."""
+    from PIL import Image
+
+    edges = np.asarray(box, dtype=np.float64) + 0.5          # PIL measures from pixel edges
+    x0, y0 = math.floor(edges[0]), math.floor(edges[1])
+    region = image.crop((x0, y0, math.ceil(edges[2]), math.ceil(edges[3])))
+    sub = (edges[0] - x0, edges[1] - y0, edges[2] - x0, edges[3] - y0)
+    return region.resize((size, size), Image.Resampling.BICUBIC, box=sub)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+def label_path(out: Path, key: str) -> Path:
+    return out / "labels" / f"{key}.json"
+
+
+def render_run(labels_path: str | Path, out: str | Path, *, format: str | None = None,
+               mano_dir: str | Path | None = None, limit: int | None = None, workers: int = 1,
+               style: str = "mesh", local_size: int = LOCAL_SIZE,
+               crop_scale: float = geometry.DEFAULT_CROP_SCALE, command: list[str] | None = None) -> RunSummary:
+    """Render every frame of ``labels_path`` into the run directory ``out``; resume where a run stopped.
+
+    Raises InputError on bad labels or settings, MissingResourceError when MANO files are missing,
+    OutputError when ``out`` cannot be written. Hands behind the camera or outside the image are
+    skipped and counted; frames without a renderable hand are skipped and counted.
+    """
+    from handsynth.hand_model import HandModel, resolve_mano_dir
+    from handsynth.labels import read_labels
+    from handsynth.render.backend import configure_platform
+
+    started = time.perf_counter()
+    settings = _check_settings(style, local_size, crop_scale, workers)
+    out = io.ensure_writable_dir(out)
+    label_set = read_labels(Path(labels_path), format, limit=limit)
+    _check_unique_keys(label_set.frames, Path(labels_path))
+    mano_root = resolve_mano_dir(Path(mano_dir) if mano_dir else None)
+    mano_hashes = HandModel(mano_root).file_hashes()
+    manifest = {
+        "inputs": {"labels": [{"path": str(p), "sha256": io.sha256_file(p)} for p in label_set.sources],
+                   "format": label_set.format, "limit": limit},
+        "mano": {"dir": str(mano_root), "files": mano_hashes},
+        "settings": settings.as_dict(),
+        "renderer": {"platform": configure_platform(), "znear_m": ZNEAR, "zfar_m": ZFAR,
+                     "base_color": list(BASE_COLOR), "lights": [list(d) + [i] for d, i in LIGHTS]},
+        "units": UNITS, "layout": {"global": "global/<key>.png", "local": "local/<key>.png",
+                                   "rgb_local": "rgb_local/<key>.jpg", "labels": "labels/<key>.json",
+                                   "all_labels": "labels.jsonl"},
+    }
+    _check_resumable(out, manifest)
+    stray = _remove_stray_temporaries(out)
+    io.write_json_atomic(out / io.MANIFEST, io.new_manifest(STAGE, command, status="running", **manifest))
+
+    frames = label_set.frames
+    pending = [f for f in frames if not label_path(out, f.key).exists()]
+    results = _render_frames(pending, out, mano_root, settings, workers)
+
+    skipped = Counter(r.reason for r in results if r.status == "skipped")
+    hand_skips = sum((r.hand_skips for r in results), Counter())
+    _warn_skips(results)
+    done = [f for f in frames if label_path(out, f.key).exists()]
+    _write_jsonl(out, done)
+    elapsed = time.perf_counter() - started
+    counts = {
+        "frames": len(frames), "rendered": len(done), "rendered_this_run": sum(r.status == "rendered" for r in results),
+        "already_done": len(frames) - len(pending), "rgb_local": sum(r.rgb for r in results),
+        "skipped": dict(sorted(skipped.items())), "skipped_hands": dict(sorted(hand_skips.items())),
+        "reader_skipped": dict(label_set.skipped), "stray_temporaries_removed": stray,
+    }
+    io.write_json_atomic(out / io.MANIFEST, io.new_manifest(
+        STAGE, command, status="complete", counts=counts, elapsed_s=round(elapsed, 3), workers=workers, **manifest))
+    return RunSummary(out=out, frames=len(frames), rendered=len(done), already_done=counts["already_done"],
+                      skipped=counts["skipped"], skipped_hands=counts["skipped_hands"], elapsed_s=elapsed)
+
+
+def _check_settings(style: str, local_size: int, crop_scale: float, workers: int) -> Settings:
+    if style not in STYLES:
+        raise InputError(f"unknown render style '{style}'", where="--style", fix=f"use one of: {', '.join(STYLES)}")
+    if not 16 <= int(local_size) <= 4096:
+        raise InputError(f"local image size {local_size} is out of range", where="--local-size",
+                         fix="use a size between 16 and 4096 pixels (AttentionHand uses 512)")
+    if not (math.isfinite(crop_scale) and 1.0 <= crop_scale <= 10.0):
+        raise InputError(f"crop scale {crop_scale} is out of range", where="crop_scale",
+                         fix="use a factor between 1.0 and 10.0 (default 1.5)")
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}", where="--workers", fix="pass 1 or more")
+    return Settings(style=style, local_size=int(local_size), crop_scale=float(crop_scale))
+
+
+def _check_unique_keys(frames: list[Frame], source: Path) -> None:
+    counts = Counter(f.key for f in frames)
+    dup = [k for k, n in counts.items() if n > 1]
+    if dup:
+        raise InputError(f"{len(dup)} frame key(s) occur more than once, e.g. '{dup[0]}'", where=source,
+                         fix="give every frame a unique id in the label file")
+
+
+def _check_resumable(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to add frames to a run directory made from other inputs or settings."""
+    if not (out / io.MANIFEST).exists():
+        return
+    earlier = io.read_manifest(out)
+    if earlier.get("stage") != STAGE:
+        raise InputError(f"{out} holds the output of the '{earlier.get('stage')}' stage", where=out / io.MANIFEST,
+                         fix="choose another --out for the render stage")
+    for name, now, before in (
+        ("settings", manifest["settings"], earlier.get("settings")),
+        ("MANO files", manifest["mano"]["files"], earlier.get("mano", {}).get("files")),
+        ("label files", [e["sha256"] for e in manifest["inputs"]["labels"]],
+         [e.get("sha256") for e in earlier.get("inputs", {}).get("labels", [])]),
+    ):
+        if now != before:
+            raise InputError(
+                f"{out} holds a render run made with other {name} ({before}), not ({now})",
+                where=out / io.MANIFEST,
+                fix="rerun with the original inputs and settings to resume it, or choose a new --out")
+
+
+def _remove_stray_temporaries(out: Path) -> int:
+    """Delete temporary files an interrupted run left behind (never a finished file). Returns how many."""
+    stray = [p for sub in ("global", "local", "rgb_local", "labels", ".") for p in (out / sub).glob(".*.tmp")]
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return len(stray)
+
+
+def _render_frames(frames: list[Frame], out: Path, mano_dir: Path, settings: Settings,
+                   workers: int) -> list[FrameResult]:
+    results: list[FrameResult] = []
+    if not frames:
+        return results
+    with progress("frames") as bar:
+        task = bar.add_task("render", total=len(frames))
+        if workers == 1 or len(frames) == 1:
+            worker = FrameRenderer(out, mano_dir, settings)
+            for frame in frames:
+                results.append(worker(frame))
+                bar.advance(task)
+        else:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")     # EGL contexts do not survive fork
+            with ctx.Pool(min(workers, len(frames)), initializer=_init_worker,
+                          initargs=(out, mano_dir, settings)) as pool:
+                for result in pool.imap_unordered(_work, frames, chunksize=4):
+                    results.append(result)
+                    bar.advance(task)
+    return results
+
+
+_WORKER: FrameRenderer | None = None
+
+
+def _init_worker(out: Path, mano_dir: Path, settings: Settings) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER = FrameRenderer(out, mano_dir, settings)
+
+
+def _work(frame: Frame) -> FrameResult:
+    assert _WORKER is not None
+    return _WORKER(frame)
+
+
+def _warn_skips(results: list[FrameResult]) -> None:
+    skipped = [r for r in results if r.status == "skipped"]
+    for r in skipped[:SHOWN_WARNINGS]:
+        console.print(f"[yellow]warning:[/yellow] frame {r.key} skipped: {r.reason}")
+    if len(skipped) > SHOWN_WARNINGS:
+        console.print(f"[yellow]warning:[/yellow] ... and {len(skipped) - SHOWN_WARNINGS} more skipped frames "
+                      "(counts by reason in manifest.json)")
+
+
+def _write_jsonl(out: Path, frames: list[Frame]) -> None:
+    lines = [json.dumps(io.read_json(label_path(out, f.key), what="frame label"), allow_nan=False) for f in frames]
+    io.write_bytes_atomic(out / "labels.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
