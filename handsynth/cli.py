@@ -50,6 +50,8 @@ from handsynth.doctor import doctor  # noqa: E402
 
 app.command("doctor")(doctor)
 # (further stage commands are registered below, one line each)
+from handsynth.render.command import render  # noqa: E402
+app.command("render")(render)
 from handsynth.attentionhand.convert_command import convert  # noqa: E402
 app.command("convert")(convert)
 
