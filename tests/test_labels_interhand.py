@@ -296,3 +296,21 @@ def test_fixture_places_the_mano_root_on_the_real_wrist(tmp_path):
         np.testing.assert_allclose(root + fit["trans"], X[o + 20], atol=1e-12)
         G = Rotation.from_rotvec(fit["pose"][:3]).as_matrix()
         np.testing.assert_allclose(G @ rest, _axes(X[o + 20], X[o + 7], X[o + 11], X[o + 19]), atol=1e-9)
+
+
+def test_fixture_hands_land_on_the_real_hands(interhand_set, mano_dir):
+    """MANO run on the read parameters (hand_model) puts each wrist joint on the real joint_3d
+    wrist, which projects inside the annotated box, and most of the mesh inside it too."""
+    from handsynth.hand_model import HandModel
+    model = HandModel(mano_dir)
+    for frame in read_labels(interhand_set).frames:
+        world = np.asarray(frame.original["joint_3d"]["world_coord"]) / 1000.0
+        x, y, w, h = frame.original["annotations"][0]["bbox"]
+        for hand in frame.hands:
+            out = model.forward(hand.side, hand.pose[None], hand.shape[None], hand.trans[None])
+            joints = out.joints[0].double().numpy()
+            np.testing.assert_allclose(joints[0], world[20 if hand.side == "right" else 41], atol=1e-5)
+            cam = out.vertices[0].double().numpy() @ frame.camera.R.T + frame.camera.t
+            u = frame.camera.focal[0] * cam[:, 0] / cam[:, 2] + frame.camera.princpt[0]
+            v = frame.camera.focal[1] * cam[:, 1] / cam[:, 2] + frame.camera.princpt[1]
+            assert np.mean((u >= x) & (u <= x + w) & (v >= y) & (v <= y + h)) > 0.5

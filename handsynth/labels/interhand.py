@@ -24,7 +24,7 @@ from handsynth.io import read_json
 from handsynth.keys import frame_key
 from handsynth.labels.base import LabelSet, Skips, find_file_ci, image_roots, locate_image
 from handsynth.labels.detect import classify
-from handsynth.labels.schema import SIDES, Frame
+from handsynth.labels.schema import SIDES, Camera, Frame
 from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, require,
                                        rotation)
 
@@ -127,19 +127,20 @@ def _frames(files: dict[str, Path], docs: dict[str, Any], limit: int | None) -> 
         by_image[require(ann, "image_id", Where(data_path, f"annotations[{i}]"))].append(ann)
 
     roots = image_roots(data_path.parent, _split_dirs(data_path))
+    camera_table = _Cameras(cameras, cam_path)
     skips = Skips()
     frames: list[Frame] = []
     for i, img in enumerate(images):
         if limit is not None and len(frames) >= limit:
             break
-        frame = _frame(img, i, by_image, cameras, manos, joints, files, roots, skips)
+        frame = _frame(img, i, by_image, camera_table, manos, joints, files, roots, skips)
         if frame is not None:
             frames.append(frame)
     sources = [files[r] for r in KINDS if r in files]
     return LabelSet(FORMAT, frames, sources, skips.as_dict())
 
 
-def _frame(img: Any, index: int, by_image: dict, cameras: Mapping, manos: Mapping,
+def _frame(img: Any, index: int, by_image: dict, cameras: _Cameras, manos: Mapping,
            joints: Mapping | None, files: dict[str, Path], roots: list[Path],
            skips: Skips) -> Frame | None:
     data_path = files["data"]
@@ -156,15 +157,10 @@ def _frame(img: Any, index: int, by_image: dict, cameras: Mapping, manos: Mappin
         return None
     sides = _valid_sides(anns, where)
 
-    cam_where = Where(files["camera"], f"capture {capture} camera {cam}")
-    cam_entry = _camera_entry(cameras, str(capture), str(cam), cam_where)
-    if cam_entry is None:
+    cam_entry, camera = cameras(str(capture), str(cam))
+    if camera is None:
         skips["missing_camera"] += 1
         return None
-    R = rotation(cam_entry["camrot"], cam_where, "camrot")
-    campos = numbers(cam_entry["campos"], 3, cam_where, "campos", unit="mm")
-    camera = make_camera(cam_entry["focal"], cam_entry["princpt"], R, -(R @ campos), cam_where,
-                         fields=("focal", "princpt", "camrot", "campos"), t_scale=1e-3)
 
     mano_entry = _nested(manos, str(capture), str(frame_idx))
     if mano_entry is None:
@@ -219,6 +215,28 @@ def _valid_sides(anns: list, where: Where) -> set[str]:
         if ann.get("hand_type_valid", 1):
             sides.update(HAND_TYPES[hand_type])
     return sides
+
+
+class _Cameras:
+    """The camera file's cameras, each validated and converted once:
+    ``(capture, cam) -> (entry {campos, camrot, focal, princpt}, Camera)``, (None, None) if absent."""
+
+    def __init__(self, doc: Mapping, path: Path):
+        self.doc, self.path = doc, path
+        self.cache: dict[tuple[str, str], tuple[dict | None, Camera | None]] = {}
+
+    def __call__(self, capture: str, cam: str) -> tuple[dict | None, Camera | None]:
+        if (capture, cam) not in self.cache:
+            where = Where(self.path, f"capture {capture} camera {cam}")
+            entry = _camera_entry(self.doc, capture, cam, where)
+            camera = None
+            if entry is not None:
+                R = rotation(entry["camrot"], where, "camrot")
+                campos = numbers(entry["campos"], 3, where, "campos", unit="mm")
+                camera = make_camera(entry["focal"], entry["princpt"], R, -(R @ campos), where,
+                                     fields=("focal", "princpt", "camrot", "campos"), t_scale=1e-3)
+            self.cache[capture, cam] = entry, camera
+        return self.cache[capture, cam]
 
 
 def _camera_entry(cameras: Mapping, capture: str, cam: str, where: Where) -> dict | None:

@@ -69,9 +69,8 @@ def numbers(value: Any, size: int, where: Where, field: str, *, unit: str = "") 
     if arr.size != size:
         raise where.error(field, f"must hold {size} numbers{unit_txt}, got {arr.size}",
                           f"give exactly {size} values for '{field}'")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    if not np.isfinite(arr).all():
+        i = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise where.error(field, f"holds a non-finite value ({arr[i]!r} at index {i})",
                           "replace NaN/Infinity by real numbers, or drop the record")
     return arr
