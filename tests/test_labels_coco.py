@@ -37,7 +37,7 @@ def test_frames_hold_the_fits_boxes_and_sizes(tmp_path):
     for frame, ann, img in zip(labels.frames, wb["annotations"], wb["images"]):
         aid = str(ann["id"])
         assert frame.original == {"mano": fits[aid], "annotation": ann, "image": img}
-        assert frame.image_size == (320, 240)
+        assert frame.image_size == (512, 334)
         assert frame.image_path == tmp_path / "images" / "train2017" / img["file_name"]
         assert [h.side for h in frame.hands] == [s for s in ("right", "left") if fits[aid][s]]
         for hand in frame.hands:
