@@ -78,7 +78,7 @@ def read(path: Path, doc: Any, role: str | None, *, limit: int | None = None) ->
                 "..._MANO_NeuralAnnot.json) with its original name")
     files = {role: path}
     docs = {role: doc}
-    for other, (suffix, holds, required) in KINDS.items():
+    for other, (_, _, required) in KINDS.items():
         if other == role:
             continue
         found = sibling(path, other)
