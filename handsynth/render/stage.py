@@ -370,7 +370,7 @@ def _render_frames(frames: list[Frame], out: Path, mano_dir: Path, settings: Set
             ctx = multiprocessing.get_context("spawn")     # EGL contexts do not survive fork
             with ctx.Pool(min(workers, len(frames)), initializer=_init_worker,
                           initargs=(out, mano_dir, settings)) as pool:
-                for result in pool.imap_unordered(_work, frames, chunksize=4):
+                for result in pool.imap_unordered(_work, frames):
                     results.append(result)
                     bar.advance(task)
     return results
