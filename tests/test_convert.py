@@ -141,7 +141,9 @@ def components(clip_tokenizer_dir):
     parts = get_dummy_components(clip_tokenizer_dir)
     for i, name in enumerate(("unet", "vae", "text_encoder")):
         perturb(parts[name], 10 + i)
-    parts["controlnet"] = perturb(ControlNetModel.from_unet(parts["unet"]), 7).eval()
+    # as guidance.py builds it for this model: a hint encoder with one stride-2 stage (latent = image / 2)
+    parts["controlnet"] = perturb(ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=(16, 32)),
+                                  7).eval()
     return parts
 
 
@@ -184,6 +186,7 @@ def test_guidance_round_trip(components, guidance_ckpt, tiny_sd_dir, tmp_path):
     from diffusers import ControlNetModel
 
     from handsynth.attentionhand.convert import convert_checkpoint
+    from handsynth.attentionhand.loading import load_guidance_module
     from handsynth.io import sha256_file
 
     out = tmp_path / "models" / "attentionhand"
@@ -199,12 +202,13 @@ def test_guidance_round_trip(components, guidance_ckpt, tiny_sd_dir, tmp_path):
     saved = json.loads((out / "conversion_report.json").read_text())
     n_vas = len(original.state_dict())
     assert saved["sha256"] == sha256_file(guidance_ckpt)
-    assert saved["parts"]["controlnet"] == {"converted": n_vas, "expected": n_vas, "missing": []}
+    assert saved["parts"]["controlnet"] == {"converted": n_vas, "expected": n_vas, "missing": [], "missing_from": {}}
     assert saved["unused"] == ["stray.weight"]
     assert saved["source_keys"] == n_vas + 3
     assert saved["ignored_keys"] == 2 and saved["converted_keys"] == n_vas
     assert saved["top_level_entries_ignored"] == ["epoch", "global_step", "optimizer_states"]
     assert report.unused == ["stray.weight"]
+    assert_same_weights(load_guidance_module(out), original)  # what recipes' model.guidance points to
 
 
 def test_shape_inference_without_base(tmp_path):
@@ -238,6 +242,8 @@ def test_full_round_trip(components, tiny_sd_dir, tmp_path, capsys):
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from handsynth.attentionhand.pipeline import AttentionHandPipeline
+
     state = {**public_controlnet(components["controlnet"]), **public_unet(components["unet"]),
              **public_vae(components["vae"]), **public_text_encoder(components["text_encoder"])}
     ckpt = tmp_path / "full.ckpt"
@@ -256,6 +262,9 @@ def test_full_round_trip(components, tiny_sd_dir, tmp_path, capsys):
     assert tokenizer("a hand").input_ids == components["tokenizer"]("a hand").input_ids
     assert (out / "scheduler" / "scheduler_config.json").read_text() == \
         (tiny_sd_dir / "scheduler" / "scheduler_config.json").read_text()
+    pipe = AttentionHandPipeline.from_pretrained(out)  # the folder is a whole pipeline
+    assert_same_weights(pipe.controlnet, components["controlnet"])
+    assert_same_weights(pipe.unet, components["unet"])
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["unused"] == ["stray.weight"]
     assert all(not p["missing"] and p["converted"] == p["expected"] for p in report["parts"].values())
@@ -276,13 +285,17 @@ def test_missing_guidance_key_fails_then_allowed(components, tiny_sd_dir, tmp_pa
     code = main(["convert", "--ckpt", str(ckpt), "--out", str(out), "--base", str(tiny_sd_dir)])
     err = capsys.readouterr().err
     assert code == InputError.exit_code
-    assert "down_blocks.0.resnets.1.conv2.weight" in err and "--allow-missing" in err
+    assert "controlnet down_blocks.0.resnets.1.conv2.weight (from VAS.input_blocks.2.0.out_layers.3.weight)" in err
+    assert "--allow-missing" in err
     assert not out.exists()
 
     code = main(["convert", "--ckpt", str(ckpt), "--out", str(out), "--base", str(tiny_sd_dir), "--allow-missing"])
     assert code == 0
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["missing"] == {"controlnet": ["down_blocks.0.resnets.1.conv2.weight"]}
+    assert report["parts"]["controlnet"]["missing_from"] == {
+        "down_blocks.0.resnets.1.conv2.weight": "VAS.input_blocks.2.0.out_layers.3.weight"}
+    assert report["parts"]["controlnet"]["converted"] == report["parts"]["controlnet"]["expected"] - 1
     loaded = ControlNetModel.from_pretrained(out / "controlnet")
     original = components["controlnet"].state_dict()
     for key, value in loaded.state_dict().items():

@@ -190,6 +190,7 @@ class PartResult:
     used: set[str]
     missing: list[str]
     expected: int
+    missing_from: dict[str, str] = field(default_factory=dict)  # missing weight -> the source key it needs
 
 
 def _origin_map(state: dict[str, Any]) -> dict[int, str]:
@@ -222,7 +223,7 @@ def _convert_part(name: str, converted: dict[str, Any], origins: dict[int, str],
                 f"expects {tuple(expected[key].shape)} for {key}",
                 where=source,
                 fix="pass --base with the Stable Diffusion 1.5 model the checkpoint was trained on")
-    used = {src for k, v in converted.items() if k in expected and (src := _source_of(v, origins)) is not None}
+    sources = {k: src for k, v in converted.items() if k in expected and (src := _source_of(v, origins))}
     accepted = {k: v.contiguous() for k, v in converted.items() if k in expected}
     missing = sorted(set(expected) - set(accepted))
     if missing and allow_missing:
@@ -232,7 +233,22 @@ def _convert_part(name: str, converted: dict[str, Any], origins: dict[int, str],
         model = skeleton
         if not missing:
             model.load_state_dict(accepted, strict=True, assign=True)
-    return PartResult(name, model, used, missing, len(expected))
+    return PartResult(name, model, set(sources.values()), missing, len(expected), _guess_sources(missing, sources))
+
+
+def _guess_sources(missing: list[str], sources: dict[str, str]) -> dict[str, str]:
+    """The source key each missing weight would come from, read off a converted sibling (weight <-> bias)."""
+    by_parent = {}
+    for target, source in sources.items():
+        parent, leaf = target.rsplit(".", 1)
+        if source.endswith("." + leaf):
+            by_parent.setdefault(parent, source[: -len(leaf)])
+    guesses = {}
+    for key in missing:
+        parent, leaf = key.rsplit(".", 1)
+        if parent in by_parent:
+            guesses[key] = by_parent[parent] + leaf
+    return guesses
 
 
 def _ldm_layers_per_block(ldm: dict[str, Any], where: str) -> int:
@@ -287,6 +303,23 @@ def infer_controlnet_config(sd: dict[str, Any], layers_per_block: int, defaults:
     return config
 
 
+def _fix_short_hint_encoder(ldm: dict[str, Any], converted: dict[str, Any]) -> None:
+    """Map the last hint-encoder conv to ``conv_out`` when the hint encoder is shorter than SD1.5's.
+
+    diffusers' converter takes ``conv_out`` from ``input_hint_block.14`` (SD1.5: 8 convs, 3 stride-2
+    stages). Models with fewer stages (tiny test models, latent factor 2 or 4) end earlier, and the
+    converter files their last conv under ``blocks``; move it where the model expects it.
+    """
+    prefix = "control_model.input_hint_block."
+    last = max((int(k[len(prefix):].split(".")[0]) for k in ldm if k.startswith(prefix)), default=14)
+    if last >= 14:
+        return
+    for param in ("weight", "bias"):
+        key = f"controlnet_cond_embedding.blocks.{last // 2 - 1}.{param}"
+        if key in converted:
+            converted[f"controlnet_cond_embedding.conv_out.{param}"] = converted.pop(key)
+
+
 def _controlnet_defaults(base: Path | None) -> tuple[dict[str, Any], str]:
     """ControlNet config fields weights cannot tell: from the base UNet, or diffusers' SD1.5 defaults."""
     import torch
@@ -316,6 +349,7 @@ def convert_guidance(state: dict[str, Any], origins: dict[int, str], base: Path 
     lpb = _ldm_layers_per_block({k[len(LDM_CONTROLNET_KEY):]: v for k, v in ldm.items()}, GUIDANCE_PREFIX + "*")
     converted = {k: v for k, v in convert_controlnet_checkpoint(ldm, {"layers_per_block": lpb}).items()
                  if v is not None}
+    _fix_short_hint_encoder(ldm, converted)
     defaults, origin = _controlnet_defaults(base)
     config = infer_controlnet_config(converted, lpb, defaults)
     try:
@@ -401,7 +435,8 @@ def account(state: dict[str, Any], parts: list[PartResult], full: bool) -> tuple
         else:
             entry = ignored.setdefault(hit[0], {"reason": hit[1], "count": 0})
             entry["count"] += 1
-    summary = {p.name: {"converted": len(p.used), "expected": p.expected, "missing": p.missing} for p in parts}
+    summary = {p.name: {"converted": len(p.used), "expected": p.expected, "missing": p.missing,
+                        "missing_from": p.missing_from} for p in parts}
     return summary, ignored, unused
 
 
@@ -417,10 +452,25 @@ def _write_output(tmp: Path, parts: list[PartResult], base: Path | None, full: b
                 raise MissingResourceError(f"the base model has no {sub}/ folder", where=base,
                                            fix="pass a complete Stable Diffusion 1.5 folder or id with --base")
             shutil.copytree(base / sub, tmp / sub)
-        index = json.loads((base / "model_index.json").read_text()) if (base / "model_index.json").is_file() else {}
-        index.update({"controlnet": ["diffusers", "ControlNetModel"]})
-        index.setdefault("_class_name", "StableDiffusionControlNetPipeline")
-        write_json_atomic(tmp / "model_index.json", index)
+        write_json_atomic(tmp / "model_index.json", _model_index(base))
+
+
+def _model_index(base: Path) -> dict[str, Any]:
+    """model_index.json of an AttentionHandPipeline folder; tokenizer and scheduler classes as in the base."""
+    import diffusers
+
+    index_path = base / "model_index.json"
+    base_index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    return {
+        "_class_name": "AttentionHandPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": base_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "controlnet": ["diffusers", "ControlNetModel"],
+        "scheduler": base_index.get("scheduler", ["diffusers", "DDIMScheduler"]),
+    }
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -457,7 +507,8 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
     report = ConversionReport(str(ckpt), sha256_file(ckpt), full, config_from, top_level, len(state),
                               summary, ignored, unused)
     if report.missing and not allow_missing:
-        listed = [f"{name}: {key}" for name, keys in report.missing.items() for key in keys]
+        listed = [f"{name} {key}" + (f" (from {p['missing_from'][key]})" if key in p["missing_from"] else "")
+                  for name, p in report.parts.items() for key in p["missing"]]
         raise InputError(
             f"the checkpoint lacks {len(listed)} weight(s) the converted model needs (diffusers names): "
             + ", ".join(listed[:8]) + (", ..." if len(listed) > 8 else ""),
