@@ -54,6 +54,8 @@ from handsynth.render.command import render  # noqa: E402
 app.command("render")(render)
 from handsynth.attentionhand.convert_command import convert  # noqa: E402
 app.command("convert")(convert)
+from handsynth.prompts.command import prompts  # noqa: E402
+app.command("prompts")(prompts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ poking poked
 rub rubs rubbing rubbed
 scratching scratched
 wiping wiped
-folding folded
+folding
 kneading kneaded
 stir stirs stirring stirred
 whisking whisked
@@ -93,6 +93,7 @@ tying
 wrapping
 unwrapping unwrapped
 twisting
+cupping cupped
 flipping flipped
 juggle juggles juggling juggled
 dribble dribbles dribbling dribbled

@@ -97,28 +97,33 @@ def needs_an(word: str) -> bool:
     return w[:1] in ("a", "e", "i", "o", "u")
 
 
-def _sub(pattern: re.Pattern, repl, text: str, mask: list[bool]) -> tuple[str, list[bool]]:
-    """``re.sub`` that keeps the hand mask aligned: replaced text is hand text only if unchanged in length."""
+def _sub(pattern: re.Pattern, repl, text: str, mask: str) -> tuple[str, str]:
+    """``re.sub`` that keeps the hand mask (one "1"/"0" per character) aligned with the text.
+
+    Replaced text keeps its mask only if its length is unchanged, otherwise it is not hand text.
+    """
     out: list[str] = []
-    out_mask: list[bool] = []
+    out_mask: list[str] = []
     last = 0
     for m in pattern.finditer(text):
         new = repl(m) if callable(repl) else repl
-        out.append(text[last : m.start()])
-        out_mask.extend(mask[last : m.start()])
-        out.append(new)
-        out_mask.extend(mask[m.start() : m.end()] if len(new) == m.end() - m.start() else [False] * len(new))
+        out += (text[last : m.start()], new)
+        out_mask += (mask[last : m.start()],
+                     mask[m.start() : m.end()] if len(new) == m.end() - m.start() else "0" * len(new))
         last = m.end()
+    if not out:
+        return text, mask
     out.append(text[last:])
-    out_mask.extend(mask[last:])
-    return "".join(out), out_mask
+    out_mask.append(mask[last:])
+    return "".join(out), "".join(out_mask)
 
 
-_SPACES = re.compile(r"\s+")
+_SPACES = re.compile(r"\s{2,}|[^\S ]")  # runs to collapse (a single space stays)
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?])")
 _REPEATED_COMMA = re.compile(r",(?:\s*,)+")
 _ARTICLE = re.compile(r"(?<![\w'-])(a|an|A|An|AN)(?=\s+(\w+))")
 _EDGES = re.compile(r"^[\s,;:]+|[\s,;:]+$")
+_HAND_RUN = re.compile("1+")
 
 
 def _article(m: re.Match) -> str:
@@ -134,28 +139,16 @@ def tidy(fragments: Iterable[Fragment]) -> tuple[str, list[tuple[int, int]]]:
     capitalises the first letter. Hand spans are whole words (``WORD``) inside hand text, so
     punctuation and "'s" never count as hand words.
     """
-    text, mask = "", []
-    for piece, is_hand in fragments:
-        text += piece
-        mask.extend([is_hand] * len(piece))
+    fragments = list(fragments)
+    text = "".join(piece for piece, _ in fragments)
+    mask = "".join(("1" if is_hand else "0") * len(piece) for piece, is_hand in fragments)
     for pattern, repl in ((_SPACES, " "), (_SPACE_BEFORE_PUNCT, ""), (_REPEATED_COMMA, ","),
                           (_EDGES, ""), (_ARTICLE, _article)):
         text, mask = _sub(pattern, repl, text, mask)
     first = next((i for i, c in enumerate(text) if c.isalpha()), None)
     if first is not None:
         text = text[:first] + text[first].upper() + text[first + 1 :]
-    spans = []
-    i = 0
-    while i < len(mask):
-        if not mask[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(mask) and mask[j]:
-            j += 1
-        spans.extend(m.span() for m in WORD.finditer(text, i, j))
-        i = j
-    return text, spans
+    return text, [w.span() for run in _HAND_RUN.finditer(mask) for w in WORD.finditer(text, *run.span())]
 
 
 # --- prompts and sampling -------------------------------------------------------------------
