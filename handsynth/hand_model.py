@@ -142,10 +142,19 @@ class _SparseState:
 _STANDINS: dict[tuple[str, str], type] = {}
 
 
-def _standin(base: type, attr: str, module: str, name: str) -> type:
+def _chumpy_standin(module: str, name: str) -> type:
+    """A _ChumpyState subclass remembering which chumpy class the file named (for error messages)."""
     key = (module, name)
     if key not in _STANDINS:
-        _STANDINS[key] = type(name, (base,), {attr: name if base is _SparseState else f"{module}.{name}"})
+        _STANDINS[key] = type(name, (_ChumpyState,), {"chumpy_class": f"{module}.{name}"})
+    return _STANDINS[key]
+
+
+def _sparse_standin(fmt: str) -> type:
+    """A _SparseState subclass for one storage format ('csc', 'csr' or 'coo')."""
+    key = ("scipy.sparse", fmt)
+    if key not in _STANDINS:
+        _STANDINS[key] = type(f"{fmt}_state", (_SparseState,), {"sparse_format": fmt})
     return _STANDINS[key]
 
 
@@ -196,9 +205,10 @@ class _MANOUnpickler(pickle.Unpickler):
         if (module, name) in self._allowed:
             return self._allowed[(module, name)]
         if module == "chumpy" or module.startswith("chumpy."):
-            return _standin(_ChumpyState, "chumpy_class", module, name)
-        if module.startswith("scipy.sparse") and name.split("_")[0] in ("csc", "csr", "coo"):
-            return _standin(_SparseState, "sparse_format", module, name.split("_")[0])
+            return _chumpy_standin(module, name)
+        fmt = name.split("_")[0]
+        if module.startswith("scipy.sparse") and fmt in ("csc", "csr", "coo") and name.endswith(("_matrix", "_array")):
+            return _sparse_standin(fmt)
         raise InputError(
             f"the MANO file asks to load '{module}.{name}', which a MANO model never contains; the file is "
             "corrupt or not a MANO file, and was not loaded (no code from it was run)",
@@ -236,7 +246,7 @@ def _sparse_to_dense(value: _SparseState, path: Path, key: str) -> np.ndarray:
     try:
         shape = tuple(int(n) for n in shape)
         if value.sparse_format == "coo":
-            row, col = state.get("row", state.get("coords", (None, None))[0]), state.get("col")
+            row, col = state["coords"] if "coords" in state else (state["row"], state["col"])
             matrix = sp.coo_matrix((np.asarray(state["data"]), (np.asarray(row), np.asarray(col))), shape=shape)
         else:
             build = sp.csc_matrix if value.sparse_format == "csc" else sp.csr_matrix
@@ -298,6 +308,10 @@ def load_mano_arrays(root: Path, side: str) -> dict[str, Any]:
     if arrays["f"].min() < 0 or arrays["f"].max() >= NUM_VERTICES:
         raise InputError(f"key 'f' has vertex indices outside 0..{NUM_VERTICES - 1}", where=f"{path}, key 'f'",
                          fix=f"re-download it from {MANO_URL}")
+    parents = arrays["kintree_table"][0, 1:]
+    if not all(0 <= parent < joint for joint, parent in enumerate(parents, start=1)):
+        raise InputError("key 'kintree_table' does not list a parent before each joint",
+                         where=f"{path}, key 'kintree_table'", fix=f"re-download it from {MANO_URL}")
     if arrays["shapedirs"].shape[2] < 10:
         raise InputError(f"key 'shapedirs' has {arrays['shapedirs'].shape[2]} shape directions, expected 10",
                          where=f"{path}, key 'shapedirs'", fix=f"use the official MANO files from {MANO_URL}")
@@ -326,7 +340,8 @@ class HandModel:
     """Both MANO hands through ``smplx.MANO``, loaded on first use of each side.
 
     ``device`` and ``dtype`` (default float32) are those of the outputs; inputs may be numpy
-    arrays or tensors on any device.
+    arrays or tensors on any device. (smplx rounds the model arrays to float32 when it builds its
+    buffers, so a float64 model computes in float64 on float32-precise arrays.)
     """
 
     def __init__(self, mano_dir: Path | None = None, device: "str | torch.device" = "cpu",
@@ -338,12 +353,13 @@ class HandModel:
         self.dtype = dtype or torch.float32
         self._layers: dict[str, Any] = {}
         self._faces: dict[str, np.ndarray] = {}
-        self._tips: dict[str, torch.Tensor] = {}
+        self._tips = torch.tensor(list(TIP_VERTICES.values()), dtype=torch.long, device=self.device)
+        self._openpose = torch.tensor(OPENPOSE_FROM_MANO, dtype=torch.long, device=self.device)
+        self._hashes: dict[str, str] | None = None
 
     def _layer(self, side: str) -> Any:
         if side not in self._layers:
             import smplx
-            import torch
 
             arrays = load_mano_arrays(self.root, side)
             struct = smplx.utils.Struct(**{k: v for k, v in arrays.items() if k in _SHAPES})
@@ -354,7 +370,6 @@ class HandModel:
                                    create_transl=False)
             self._layers[side] = layer.to(self.device).eval()
             self._faces[side] = arrays["f"]
-            self._tips[side] = torch.tensor(list(TIP_VERTICES.values()), dtype=torch.long, device=self.device)
         return self._layers[side]
 
     def forward(self, side: str, pose: Any, shape: Any, trans: Any) -> HandOutput:
@@ -370,19 +385,19 @@ class HandModel:
             if value.shape != (batch, width):
                 raise ValueError(f"{name} must have shape (B, {width}) with B = len(pose), got {tuple(value.shape)}")
         out = layer(betas=shape, global_orient=pose[:, :3], hand_pose=pose[:, 3:], transl=trans)
-        joints = torch.cat([out.joints, out.vertices[:, self._tips[side]]], dim=1)
-        return HandOutput(vertices=out.vertices, joints=joints[:, list(OPENPOSE_FROM_MANO)])
+        joints = torch.cat([out.joints, out.vertices[:, self._tips]], dim=1)
+        return HandOutput(vertices=out.vertices, joints=joints[:, self._openpose])
 
     __call__ = forward
 
     def faces(self, side: str) -> np.ndarray:
-        """Triangle indices (1538,3) int64 of ``side``'s mesh (the left file winds them mirrored)."""
+        """Triangle indices (1538,3) int64 of ``side``'s mesh, as stored in that side's file."""
         self._layer(side)
         return self._faces[side]
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of each MANO file present in the folder, keyed by file name."""
-        if not hasattr(self, "_hashes"):
+        if self._hashes is None:
             self._hashes = {name: sha256_file(self.root / name) for name in FILE_NAMES.values()
                             if (self.root / name).is_file()}
         return dict(self._hashes)
