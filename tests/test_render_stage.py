@@ -300,3 +300,26 @@ def test_mirrored_hand_and_camera_render_mirrored(tmp_path, mano_dir):
         assert (ma ^ mb).sum() <= 0.03 * ma.sum(), view
         diff = np.abs(ia - ib)[ma & mb]
         assert np.median(diff) <= 2 and np.mean(diff) < 6, view
+
+
+def test_render_help_explains_the_command(capsys):
+    assert main(["render", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--labels", "--out", "--format", "--mano-dir", "--limit", "--workers", "--style", "--local-size"):
+        assert option in out
+    assert "HANDSYNTH_MANO_DIR" in out
+
+
+def test_depth_style_run(edge_cases, tmp_path, mano_dir):
+    out = tmp_path / "run"
+    render_run(edge_cases, out, mano_dir=mano_dir, style="depth", limit=1)
+    image = np.asarray(Image.open(out / "global" / "ok.png"))
+    assert (image[..., 0] == image[..., 1]).all() and image.max() == 255 and 0 < image[image > 0].min() < 100
+    assert json.loads((out / "manifest.json").read_text())["settings"]["style"] == "depth"
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_files(ih_run, tmp_path, mano_dir):
+    labels, out, _ = ih_run
+    render_run(labels, tmp_path / "two", mano_dir=mano_dir, workers=2)
+    assert _files(tmp_path / "two") == _files(out)

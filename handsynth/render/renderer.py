@@ -195,7 +195,10 @@ def _offscreen(pyrender):
 def _release() -> None:
     global _OFFSCREEN
     if _OFFSCREEN is not None:
-        _OFFSCREEN.delete()
+        try:
+            _OFFSCREEN.delete()
+        except Exception:  # noqa: BLE001 - at exit the display may already be gone; nothing to clean then
+            pass
         _OFFSCREEN = None
 _SCENE_CLASS = None
 

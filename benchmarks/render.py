@@ -1,0 +1,131 @@
+"""Render-stage throughput against raw pyrender speed, measured in the same run.
+
+    python benchmarks/render.py [--frames 200] [--width 640 --height 480] [--workers 1]
+
+Builds the hand-shaped test MANO files and a synthetic handsynth JSONL label set (two hands per
+frame, seeded random poses) in a temporary folder, then measures
+
+  (a) conditions per second through ``render_run``: MANO forward, geometry, the global and the
+      local mesh image (PNG) and the label file per frame, written atomically;
+  (b) raw pyrender frames per second: the same two 778-vertex hand meshes rendered by one
+      OffscreenRenderer at the global viewport and at the local viewport, nothing else;
+
+and prints both and their ratio (a) / (b-pair), where a "pair" is one global + one local render -
+the rendering work one condition needs. Start-up (imports, GL context) is excluded from both by a
+warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_labels(path: Path, frames: int, width: int, height: int, seed: int = 0) -> Path:
+    """A JSONL label set: per frame a right and a left hand about 0.5 m in front of the camera."""
+    rng = np.random.default_rng(seed)
+    K = [[1.2 * width, 0.0, width / 2], [0.0, 1.2 * width, height / 2], [0.0, 0.0, 1.0]]
+    with open(path, "w") as fh:
+        for i in range(frames):
+            hands = []
+            for side, x in (("right", -0.12), ("left", 0.08)):
+                pose = rng.normal(0.0, 0.15, 48)
+                pose[:3] = rng.normal(0.0, 0.3, 3) + [0.0, 0.0, np.pi / 2]
+                hands.append({"side": side, "pose": pose.tolist(), "shape": rng.normal(0, 0.5, 10).tolist(),
+                              "trans": [x, -0.05 + 0.02 * rng.normal(), 0.55 + 0.05 * rng.normal()]})
+            fh.write(json.dumps({"id": f"bench-{i:06d}", "width": width, "height": height, "K": K,
+                                 "hands": hands}) + "\n")
+    return path
+
+
+def raw_pyrender_fps(mano_dir: Path, labels: Path, views, repeats: int) -> list[float]:
+    """Frames per second of bare OffscreenRenderer.render calls for each (K, size) view of one frame's meshes."""
+    from handsynth.hand_model import HandModel
+    from handsynth.labels import read_labels
+    from handsynth.render import geometry
+    from handsynth.render.backend import configure_platform
+
+    configure_platform()
+    import pyrender
+    import trimesh
+
+    frame = read_labels(labels, limit=1).frames[0]
+    model = HandModel(mano_dir)
+    scene = pyrender.Scene(bg_color=np.zeros(4), ambient_light=np.full(3, 0.3))
+    material = pyrender.MetallicRoughnessMaterial(metallicFactor=0.0, baseColorFactor=(1.0, 1.0, 0.9, 1.0))
+    for hand in frame.hands:
+        out = model.forward(hand.side, hand.pose[None], hand.shape[None], hand.trans[None])
+        v = geometry.to_camera(frame.camera, out.vertices[0].numpy()) * [1.0, -1.0, -1.0]
+        scene.add(pyrender.Mesh.from_trimesh(trimesh.Trimesh(v, model.faces(hand.side), process=False),
+                                             material=material, smooth=True))
+    for _ in range(3):
+        scene.add(pyrender.DirectionalLight(intensity=1.0), pose=np.eye(4))
+    renderer = pyrender.OffscreenRenderer(64, 64)
+    rates = []
+    for K, (w, h) in views:
+        cam = scene.add(pyrender.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=0.01, zfar=100.0))
+        renderer.viewport_width, renderer.viewport_height = w, h
+        renderer.render(scene)                                  # warm-up at this size
+        start = time.perf_counter()
+        for _ in range(repeats):
+            renderer.render(scene)
+        rates.append(repeats / (time.perf_counter() - start))
+        scene.remove_node(cam)
+    # not deleted: pyrender's EGL teardown would terminate the display under handsynth's own context
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+
+    from handsynth.render.backend import configure_platform
+
+    configure_platform()
+    from handsynth.render import geometry
+    from handsynth.render.stage import render_run
+    from tests.fixtures.mano import build_mano_files
+
+    with tempfile.TemporaryDirectory(prefix="handsynth-bench-") as tmp:
+        tmp = Path(tmp)
+        mano_dir = build_mano_files(tmp / "mano")
+        labels = write_labels(tmp / "bench.jsonl", args.frames, args.width, args.height)
+        render_run(labels, tmp / "warmup", mano_dir=mano_dir, limit=2)       # imports, GL context, shaders
+
+        start = time.perf_counter()
+        summary = render_run(labels, tmp / "run", mano_dir=mano_dir, workers=args.workers)
+        elapsed = time.perf_counter() - start
+        conditions = summary.rendered / elapsed
+
+        first = json.loads((tmp / "run" / "labels" / "bench-000000.json").read_text())
+        K = np.array([[first["camera"]["focal"][0], 0, first["camera"]["princpt"][0]],
+                      [0, first["camera"]["focal"][1], first["camera"]["princpt"][1]], [0, 0, 1.0]])
+        K_local = geometry.crop_intrinsics(K, np.array(first["crop_box"]), 512)
+        fps_global, fps_local = raw_pyrender_fps(
+            mano_dir, labels, [(K, (args.width, args.height)), (K_local, (512, 512))], repeats=max(args.frames, 50))
+        pair = 1.0 / (1.0 / fps_global + 1.0 / fps_local)
+
+    print(f"frames: {summary.rendered}/{summary.frames} rendered, {args.width}x{args.height} global + 512x512 "
+          f"local, 2 hands (2 x 778 vertices) per frame, workers={args.workers}")
+    print(f"(a) render_run conditions/s          : {conditions:8.2f}  ({elapsed:.2f} s)")
+    print(f"(b) raw pyrender fps, global viewport: {fps_global:8.2f}")
+    print(f"    raw pyrender fps, local 512x512  : {fps_local:8.2f}")
+    print(f"    raw pyrender global+local pairs/s: {pair:8.2f}")
+    print(f"ratio (a) / pairs                    : {conditions / pair:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
