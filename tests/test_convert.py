@@ -142,8 +142,8 @@ def components(clip_tokenizer_dir):
     for i, name in enumerate(("unet", "vae", "text_encoder")):
         perturb(parts[name], 10 + i)
     # as guidance.py builds it for this model: a hint encoder with one stride-2 stage (latent = image / 2)
-    parts["controlnet"] = perturb(ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=(16, 32)),
-                                  7).eval()
+    controlnet = ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=(16, 32))
+    parts["controlnet"] = perturb(controlnet, 7).eval()
     return parts
 
 
@@ -413,3 +413,16 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
     assert main(["convert", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o")]) == 3
     assert "nope.ckpt" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_inputs(guidance_ckpt, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    assert main(["convert", "--ckpt", str(corrupt), "--out", str(tmp_path / "a")]) == InputError.exit_code
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+    missing_base = tmp_path / "no-such-model"
+    code = main(["convert", "--ckpt", str(guidance_ckpt), "--out", str(tmp_path / "b"), "--full",
+                 "--base", str(missing_base)])
+    assert code == 3 and "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

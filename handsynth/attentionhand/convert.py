@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from handsynth.errors import InputError, MissingResourceError, OutputError
-from handsynth.io import sha256_file, write_json_atomic
+from handsynth.io import ensure_writable_dir, sha256_file, write_json_atomic
 
 GUIDANCE = "controlnet"
 GUIDANCE_PREFIX = "VAS."
@@ -146,7 +146,8 @@ def _load_torch(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
             raise InputError(f"the checkpoint cannot be read safely: {exc}", where=path,
-                             fix="re-save the weights alone as .safetensors on a trusted machine and pass that") from None
+                             fix="re-save the weights alone as .safetensors on a trusted machine and pass "
+                                 "that") from None
 
 
 # --- base model ----------------------------------------------------------------------------------
@@ -445,8 +446,7 @@ def account(state: dict[str, Any], parts: list[PartResult], full: bool) -> tuple
 def _write_output(tmp: Path, parts: list[PartResult], base: Path | None, full: bool) -> None:
     for part in parts:
         part.model.save_pretrained(tmp / part.name)
-    if full:
-        assert base is not None
+    if full and base is not None:
         for sub in ("tokenizer", "scheduler"):
             if not (base / sub).is_dir():
                 raise MissingResourceError(f"the base model has no {sub}/ folder", where=base,
@@ -482,8 +482,10 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         old = out.with_name(f".{out.name}.old-{tmp.name}")
         out.rename(old)
     tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if old is not None and old.is_dir():
+        shutil.rmtree(old)
+    elif old is not None:
+        old.unlink()
 
 
 def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False, base: str | None = None,
@@ -492,9 +494,14 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
 
     Raises InputError when a part lacks weights (unless ``allow_missing``: they keep their initial
     values, zero for the guidance module's output convolutions) and OutputError when ``out`` exists
-    (unless ``overwrite``). Nothing is written to ``out`` unless the whole conversion succeeds.
+    (unless ``overwrite``). ``full`` without ``base`` uses the default SD1.5 model id, which must be
+    in the Hugging Face cache (or downloadable). Nothing is written to ``out`` unless the whole conversion succeeds.
     """
     ckpt, out = Path(ckpt), Path(out)
+    if full and base is None:
+        from handsynth.doctor import DEFAULT_BASE_MODEL
+
+        base = DEFAULT_BASE_MODEL
     if out.exists() and not overwrite:
         raise OutputError("the output folder already exists", where=out, fix="pass --overwrite or another --out")
     state, top_level = load_checkpoint(ckpt)
@@ -514,7 +521,7 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
             + ", ".join(listed[:8]) + (", ..." if len(listed) > 8 else ""),
             where=ckpt, fix="use a complete checkpoint, or pass --allow-missing to keep those weights at their "
                             "initial values (listed in conversion_report.json)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out.parent, what="folder that holds --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_output(tmp, parts, base_dir, full)
