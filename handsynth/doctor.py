@@ -30,17 +30,20 @@ def check_renderer() -> Check:
     platform = configure_platform()
     try:
         import numpy as np
-        import pyrender
 
-        renderer = pyrender.OffscreenRenderer(8, 8)
-        try:
-            color, _ = renderer.render(pyrender.Scene(bg_color=np.zeros(4)))
-        finally:
-            renderer.delete()
-        return Check("renderer", True, f"pyrender offscreen via {platform} ({color.shape[1]}x{color.shape[0]} test frame)")
+        from handsynth.render.renderer import HandRenderer, View
+
+        # a tetrahedron 0.5 m in front of a 32x32 camera must cover the image centre
+        vertices = np.array([[0, 0, 0.45], [0.1, -0.1, 0.55], [-0.1, -0.1, 0.55], [0, 0.1, 0.55]])
+        faces = np.array([[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]])
+        K = np.array([[40.0, 0, 15.5], [0, 40.0, 15.5], [0, 0, 1]])
+        (image,) = HandRenderer().render([(vertices, faces)], [View(K, (32, 32))])
+        if not image.mask[16, 16]:
+            raise RuntimeError("a test mesh rendered as an empty image")
+        return Check("renderer", True, f"pyrender offscreen via {platform}")
     except Exception as exc:  # any failure to create a GL context lands here
         return Check(
-            "renderer", False, f"pyrender could not create a {platform} context: {exc}",
+            "renderer", False, f"pyrender could not render through {platform}: {exc}",
             "install Mesa's EGL (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri) or set "
             "PYOPENGL_PLATFORM=osmesa with libosmesa6 and PyOpenGL>=3.1.4",
         )
@@ -54,7 +57,7 @@ def check_mano(mano_dir: Optional[Path]) -> Check:
         root = resolve_mano_dir(mano_dir)
         sides = [load_mano_arrays(root, side)["path"].name for side in ("right", "left")]
     except HandsynthError as exc:
-        return Check("MANO model", False, exc.what, exc.fix or "")
+        return Check("MANO model", False, exc.what + (f" ({exc.where})" if exc.where else ""), exc.fix or "")
     return Check("MANO model", True, f"{', '.join(sides)} in {root}")
 
 
