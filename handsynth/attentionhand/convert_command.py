@@ -61,8 +61,8 @@ def print_summary(report: dict) -> None:
     for name, part in report["parts"].items():
         note = f"{len(part['missing'])} MISSING (initial values kept)" if part["missing"] else "complete"
         table.add_row(f"converted: {name}", str(part["converted"]), f"{part['expected']} weights expected, {note}")
-    for pattern, entry in report["ignored"].items():
-        table.add_row("ignored", str(entry["count"]), f"{entry['reason']} [dim]({pattern})[/dim]")
+    for entry in report["ignored"].values():
+        table.add_row("ignored", str(entry["count"]), entry["reason"])
     table.add_row("unused", str(report["unused_keys"]), "not understood by the converter" if report["unused"] else "")
     stdout.print(table)
     if report["top_level_entries_ignored"]:
