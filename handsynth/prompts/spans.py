@@ -16,8 +16,8 @@ clothing verbs ("standing", "sitting", "wearing", "smiling", "looking"), activit
 decides whether hands are involved ("playing", "riding", "eating"), and forms that are mostly nouns
 in captions ("wave"/"waves" of the sea, "touch" as in "a touch of colour", "type", "point", "cut").
 Matching is case-insensitive on whole words, where a word is letters/digits with internal hyphens:
-"thumbs-up" and "high-five" match as compounds, "hand-painted" does not match "hand", and "palm" is
-skipped when it names a tree ("palm tree", "palm leaves").
+"thumbs-up" and "high-five" match as compounds, "hand-painted" does not match "hand", and "palm" /
+"cutting" are skipped in "palm tree", "cutting board" and the like.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ rub rubs rubbing rubbed
 scratching scratched
 wiping wiped
 folding
+stacking
 kneading kneaded
 stir stirs stirring stirred
 whisking whisked
@@ -103,6 +104,21 @@ swiping swiped
 scrolling
 signing
 hammering
+sawing
+soldering
+gluing
+whittling
+sculpting
+grating
+dicing
+sprinkling
+scooping
+braiding
+threading
+polishing
+mashing
+dipping
+cutting
 screwing
 sanding
 """
@@ -110,8 +126,13 @@ sanding
 HAND_VERBS = frozenset(w for line in _VERB_FORMS.split("\n") for w in line.split())
 HAND_LEXICON = HAND_NOUNS | HAND_VERBS
 
-# Words after which "palm"/"palms" names a plant, not the inside of a hand.
-_PALM_PLANT = frozenset("tree trees leaf leaves frond fronds oil grove groves beach beaches springs".split())
+# Words after which a lexicon word is part of a noun that is not a hand or hand action.
+_NOT_HAND_BEFORE = {
+    "palm": frozenset("tree trees leaf leaves frond fronds oil grove groves beach beaches springs".split()),
+    "cutting": frozenset("board boards edge".split()),
+    "soldering": frozenset("iron irons station".split()),
+}
+_NOT_HAND_BEFORE["palms"] = _NOT_HAND_BEFORE["palm"]
 
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
 
@@ -124,7 +145,8 @@ def lexicon_spans(text: str) -> list[tuple[int, int]]:
         word = m.group(0).lower()
         if word not in HAND_LEXICON:
             continue
-        if word in ("palm", "palms") and i + 1 < len(words) and words[i + 1].group(0).lower() in _PALM_PLANT:
+        following = words[i + 1].group(0).lower() if i + 1 < len(words) else ""
+        if following in _NOT_HAND_BEFORE.get(word, ()):
             continue
         spans.append(m.span())
     return spans
