@@ -288,7 +288,7 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                     parse_marked(text)
                 except ValueError as exc:
                     raise InputError(f"bad slot value {text!r}: {exc}", where=_where(path, root, loc),
-                                     fix="mark hand words as [word] with balanced brackets") from None
+                                     fix="put each hand word or phrase between one opening and one closing square bracket") from None
             clash = set(value.vars) & set(prompts.slots)
             if clash:
                 raise InputError(f"variable '{sorted(clash)[0]}' has the name of a slot",
@@ -301,7 +301,7 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                 names = placeholder_names(entry.text)
             except ValueError as exc:
                 raise InputError(f"bad template {entry.text!r}: {exc}", where=_where(path, root, loc),
-                                 fix="write placeholders as {slot_name} and hand words as [word]") from None
+                                 fix="write placeholders as {slot_name} and put hand words between square brackets") from None
             used = [n for n in names if n in prompts.slots]
             for n in names:
                 if n in prompts.slots:

@@ -121,6 +121,8 @@ def _sub(pattern: re.Pattern, repl, text: str, mask: str) -> tuple[str, str]:
 _SPACES = re.compile(r"\s{2,}|[^\S ]")  # runs to collapse (a single space stays)
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?])")
 _REPEATED_COMMA = re.compile(r",(?:\s*,)+")
+_COMMA_BEFORE_STOP = re.compile(r",+(?=[.;:!?])")
+_COMMA_WITHOUT_SPACE = re.compile(r",(?=[^\s\d])")
 _ARTICLE = re.compile(r"(?<![\w'-])(a|an|A|An|AN)(?=\s+(\w+))")
 _EDGES = re.compile(r"^[\s,;:]+|[\s,;:]+$")
 _HAND_RUN = re.compile("1+")
@@ -134,8 +136,8 @@ def _article(m: re.Match) -> str:
 def tidy(fragments: Iterable[Fragment]) -> tuple[str, list[tuple[int, int]]]:
     """Join fragments into natural text and return it with the character spans of its hand words.
 
-    Collapses whitespace, removes spaces before punctuation and repeated commas (left by empty slot
-    values), makes "a"/"an" agree with the next word, strips stray separators at the ends and
+    Collapses whitespace, removes spaces before punctuation, repeated commas and commas before a
+    full stop (left by empty slot values), puts a space after every comma, makes "a"/"an" agree with the next word, strips stray separators at the ends and
     capitalises the first letter. Hand spans are whole words (``WORD``) inside hand text, so
     punctuation and "'s" never count as hand words.
     """
@@ -143,7 +145,7 @@ def tidy(fragments: Iterable[Fragment]) -> tuple[str, list[tuple[int, int]]]:
     text = "".join(piece for piece, _ in fragments)
     mask = "".join(("1" if is_hand else "0") * len(piece) for piece, is_hand in fragments)
     for pattern, repl in ((_SPACES, " "), (_SPACE_BEFORE_PUNCT, ""), (_REPEATED_COMMA, ","),
-                          (_EDGES, ""), (_ARTICLE, _article)):
+                          (_COMMA_BEFORE_STOP, ""), (_COMMA_WITHOUT_SPACE, ", "), (_EDGES, ""), (_ARTICLE, _article)):
         text, mask = _sub(pattern, repl, text, mask)
     first = next((i for i, c in enumerate(text) if c.isalpha()), None)
     if first is not None:

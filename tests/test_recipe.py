@@ -1,0 +1,167 @@
+"""Recipe loading: defaults, path resolution, and every bad-recipe case through the CLI."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from handsynth.cli import main
+from handsynth.errors import InputError
+from handsynth.prompts import load_recipe
+from tests.conftest import SHARED
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+MINIMAL = """\
+seed: 3
+prompts:
+  templates:
+    right: ["{person} [holding] {thing} with the right [hand]"]
+    left: ["{person} [holding] {thing} with the left [hand]"]
+    both: ["{person} [clapping] both [hands]"]
+  slots:
+    person: [a woman, a man]
+    thing: [a cup, an umbrella]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_prompts(path: Path, capsys, *extra: str) -> tuple[int, str]:
+    code = main(["prompts", "--recipe", str(path), "--count", "2", "--no-tokens", *extra])
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+def test_defaults_and_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg" / "runs" / "ih").mkdir(parents=True)
+    path = write(tmp_path / "cfg", MINIMAL + "inputs: {run: runs/ih}\noutput: out/here\n", "My Recipe.yaml")
+    r = load_recipe(path)
+    assert r.seed == 3 and r.sampler.steps == 20 and r.sampler.guidance_scale == 9.0
+    assert r.sampler.scheduler == "ddim" and r.sampler.eta == 0.0 and r.sampler.negative_prompt == ""
+    assert r.model.base == "stable-diffusion-v1-5/stable-diffusion-v1-5" and r.model.precision == "fp16"
+    assert r.model.guidance == "models/attentionhand"
+    assert r.tas.max_steps == 10 and r.tas.step_size_start == 20.0 and r.tas.step_size_end == 10.0
+    assert r.image.size == 512 and r.image.format == "jpg" and r.batch_size == 4
+    # relative paths in the recipe resolve against its folder
+    assert r.inputs.run == (tmp_path / "cfg" / "runs" / "ih").resolve()
+    assert r.output == (tmp_path / "cfg" / "out" / "here").resolve()
+    assert r.defaults["sampler.steps"] == 20 and "output" not in r.defaults
+    # the default output folder is runs/<sanitised recipe stem>-gen in the working directory
+    r2 = load_recipe(write(tmp_path, MINIMAL, "Kitchen v2.yaml"))
+    assert r2.output == Path("runs/kitchen-v2-gen") and r2.defaults["output"] == Path("runs/kitchen-v2-gen")
+
+
+def test_tas_section_mirrors_tasconfig():
+    tas = pytest.importorskip("handsynth.attentionhand.tas")
+    import dataclasses
+
+    from handsynth.prompts.recipe import TASSettings
+
+    fields = {f.name: f.default for f in dataclasses.fields(tas.TASConfig)}
+    assert fields == TASSettings().model_dump()
+
+
+def test_modalities_inputs_need_no_prompts(tmp_path):
+    sample = SHARED / "samples" / "attentionhand-official" / "modalities.json"
+    r = load_recipe(write(tmp_path, f"inputs: {{modalities: {sample}}}\n"))
+    assert r.prompts is None and r.inputs.modalities == sample and r.inputs.root is None
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    r = load_recipe(path)
+    assert r.prompts is not None and r.inputs is None
+    assert r.output == Path("runs") / f"{path.stem}-gen"
+
+
+BAD = {
+    "unknown_key": (
+        MINIMAL + "sampler:\n  stepz: 30\n",
+        ["unknown key 'stepz'", "field sampler.stepz, line 11", "did you mean 'steps'"],
+    ),
+    "unknown_top_key": (
+        "sed: 1\n" + MINIMAL,
+        ["unknown key 'sed'", "field sed, line 1", "did you mean 'seed'"],
+    ),
+    "wrong_type": (
+        MINIMAL + "sampler:\n  steps: many\n",
+        ["sampler.steps", "line 11", "valid integer", "'many'"],
+    ),
+    "empty_vocabulary": (
+        MINIMAL + "    empty: []\n",
+        ["slot 'empty' has an empty vocabulary", "field prompts.slots.empty.values, line 10"],
+    ),
+    "unknown_slot": (
+        MINIMAL.replace("{person} [clapping]", "{persn} [clapping]"),
+        ["template uses '{persn}'", "field prompts.templates.both[0], line 6", "did you mean '{person}'"],
+    ),
+    "missing_inputs_path": (
+        MINIMAL + "inputs:\n  run: no/such/run\n",
+        ["render run directory 'no/such/run' does not exist", "field inputs.run, line 11", "handsynth render"],
+    ),
+    "bad_precision": (
+        MINIMAL + "model:\n  precision: fp8\n",
+        ["model.precision is 'fp8'", "line 11", "'fp16', 'bf16' or 'fp32'"],
+    ),
+    "unbalanced_bracket": (
+        MINIMAL.replace("[a woman, a man]", "['[a woman', a man]"),
+        ["'[' without a matching ']'", "prompts.slots.person.values[0], line 8"],
+    ),
+    "missing_templates_key": (
+        MINIMAL.replace('    both: ["{person} [clapping] both [hands]"]\n', ""),
+        ["required key 'both' is missing", "prompts.templates"],
+    ),
+    "weight_not_positive": (
+        MINIMAL.replace("[a woman, a man]", "[{text: a woman, weight: 0}, a man]"),
+        ["prompts.slots.person.values[0].weight", "greater than 0"],
+    ),
+    "no_prompts": ("seed: 1\n", ["no 'prompts' section"]),
+    "both_inputs": (
+        MINIMAL + "inputs: {run: ., modalities: r.yaml}\n",
+        ["exactly one of 'run' or 'modalities'", "field inputs, line 10"],
+    ),
+    "duplicate_key": (
+        "seed: 1\nseed: 2\n" + MINIMAL.replace("seed: 3\n", ""),
+        ["key 'seed' appears twice", "line 2"],
+    ),
+    "bad_yaml": ("seed: [1\n", ["not valid YAML"]),
+    "not_a_mapping": ("- a\n- b\n", ["must be a mapping"]),
+    "var_clash": (
+        MINIMAL.replace("[a woman, a man]", "[{text: a woman, vars: {thing: her}}, a man]"),
+        ["variable 'thing' has the name of a slot"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipe_cli(tmp_path, capsys, case):
+    text, expected = BAD[case]
+    path = write(tmp_path, text)
+    code, out = run_prompts(path, capsys)
+    assert code != 0
+    assert str(path) in out or case in ("bad_yaml",)
+    for fragment in expected:
+        assert fragment in out, (fragment, out)
+    assert "Traceback" not in out
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    code, out = run_prompts(tmp_path / "nope.yaml", capsys)
+    assert code != 0 and "recipe file" in out and "not found" in out
+
+
+def test_error_object_names_file_field_line(tmp_path):
+    path = write(tmp_path, MINIMAL + "image:\n  format: gif\n")
+    with pytest.raises(InputError) as info:
+        load_recipe(path)
+    assert info.value.where == f"{path}, field image.format, line 11"
+    assert "'jpg' or 'png'" in info.value.fix
