@@ -265,6 +265,11 @@ def test_bad_inputs_fail_cleanly_and_keep_the_earlier_run(edge_cases, tmp_path, 
         assert code != 0, args
         assert "Traceback" not in err and "error" in err.lower(), args
         assert _snapshot(out) == before, args
+    # bad input creates no output directory either
+    assert main(["render", "--labels", str(broken), "--out", str(tmp_path / "fresh"), "--mano-dir", str(mano_dir)]) != 0
+    assert main(["render", "--labels", str(edge_cases), "--out", str(tmp_path / "fresh"), "--mano-dir",
+                 str(bad_mano)]) != 0
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_mirrored_hand_and_camera_render_mirrored(tmp_path, mano_dir):

@@ -40,11 +40,9 @@ def render(
 ) -> None:
     """Render MANO hand labels into AttentionHand mesh images.
 
-    For every frame: MANO meshes in camera space, 2D/3D joints, a tight box per hand, and a square
-    crop box around the hands; a global mesh image at the source image size, a local mesh image
-    through the crop, the matching crop of the source photo when it exists, and a label file with
-    the original annotation plus everything derived. Hands behind the camera or outside the image
-    are skipped and counted.
+    Per frame: a global mesh image at the source image size, a 512x512 local mesh image of a square crop around the hands, the same crop of the source photo when it exists, and a label file holding the original annotation plus camera-space joints, 2D joints and boxes.
+
+    Hands behind the camera or outside the image are skipped and counted. Rerunning the same command resumes an interrupted run.
     """
     from handsynth.render.stage import render_run
 

@@ -260,11 +260,11 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
 
     started = time.perf_counter()
     settings = _check_settings(style, local_size, crop_scale, workers)
-    out = io.ensure_writable_dir(out)
     label_set = read_labels(Path(labels_path), format, limit=limit)
     _check_unique_keys(label_set.frames, Path(labels_path))
     mano_root = resolve_mano_dir(Path(mano_dir) if mano_dir else None)
     mano_hashes = HandModel(mano_root).file_hashes()
+    out = io.ensure_writable_dir(out)
     manifest = {
         "inputs": {"labels": [{"path": str(p), "sha256": io.sha256_file(p)} for p in label_set.sources],
                    "format": label_set.format, "limit": limit},
