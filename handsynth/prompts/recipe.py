@@ -288,7 +288,8 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                     parse_marked(text)
                 except ValueError as exc:
                     raise InputError(f"bad slot value {text!r}: {exc}", where=_where(path, root, loc),
-                                     fix="put each hand word or phrase between one opening and one closing square bracket") from None
+                                     fix="put each hand word or phrase between one opening and one closing "
+                                         "square bracket") from None
             clash = set(value.vars) & set(prompts.slots)
             if clash:
                 raise InputError(f"variable '{sorted(clash)[0]}' has the name of a slot",
@@ -301,7 +302,8 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                 names = placeholder_names(entry.text)
             except ValueError as exc:
                 raise InputError(f"bad template {entry.text!r}: {exc}", where=_where(path, root, loc),
-                                 fix="write placeholders as {slot_name} and put hand words between square brackets") from None
+                                 fix="write placeholders as {slot_name} and put hand words between square "
+                                     "brackets") from None
             used = [n for n in names if n in prompts.slots]
             for n in names:
                 if n in prompts.slots:
@@ -324,11 +326,12 @@ def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     inputs = recipe.inputs
     if inputs is not None:
         if (inputs.run is None) == (inputs.modalities is None):
-            raise InputError("inputs must name exactly one of 'run' or 'modalities'", where=_where(path, root, ("inputs",)),
+            raise InputError("inputs must name exactly one of 'run' or 'modalities'",
+                             where=_where(path, root, ("inputs",)),
                              fix="write `run: <render run directory>` or `modalities: <modalities.json>`")
         if inputs.root is not None and inputs.modalities is None:
-            raise InputError("inputs.root only applies to a modalities file", where=_where(path, root, ("inputs", "root")),
-                             fix="remove 'root' or use 'modalities'")
+            raise InputError("inputs.root only applies to a modalities file",
+                             where=_where(path, root, ("inputs", "root")), fix="remove 'root' or use 'modalities'")
         for name in ("run", "modalities", "root"):
             value = getattr(inputs, name)
             if value is None:

@@ -137,15 +137,16 @@ def tidy(fragments: Iterable[Fragment]) -> tuple[str, list[tuple[int, int]]]:
     """Join fragments into natural text and return it with the character spans of its hand words.
 
     Collapses whitespace, removes spaces before punctuation, repeated commas and commas before a
-    full stop (left by empty slot values), puts a space after every comma, makes "a"/"an" agree with the next word, strips stray separators at the ends and
-    capitalises the first letter. Hand spans are whole words (``WORD``) inside hand text, so
+    full stop (left by empty slot values), puts a space after every comma, makes "a"/"an" agree
+    with the next word, strips stray separators at the ends and capitalises the first letter. Hand spans are whole words (``WORD``) inside hand text, so
     punctuation and "'s" never count as hand words.
     """
     fragments = list(fragments)
     text = "".join(piece for piece, _ in fragments)
     mask = "".join(("1" if is_hand else "0") * len(piece) for piece, is_hand in fragments)
-    for pattern, repl in ((_SPACES, " "), (_SPACE_BEFORE_PUNCT, ""), (_REPEATED_COMMA, ","),
-                          (_COMMA_BEFORE_STOP, ""), (_COMMA_WITHOUT_SPACE, ", "), (_EDGES, ""), (_ARTICLE, _article)):
+    passes = ((_SPACES, " "), (_SPACE_BEFORE_PUNCT, ""), (_REPEATED_COMMA, ","), (_COMMA_BEFORE_STOP, ""),
+              (_COMMA_WITHOUT_SPACE, ", "), (_EDGES, ""), (_ARTICLE, _article))
+    for pattern, repl in passes:
         text, mask = _sub(pattern, repl, text, mask)
     first = next((i for i, c in enumerate(text) if c.isalpha()), None)
     if first is not None:
