@@ -105,7 +105,7 @@ def test_visibility_reasons():
 
 
 def test_configure_platform_respects_user_choice(monkeypatch):
-    import OpenGL.platform  # noqa: F401  (the test session renders with EGL)
+    import OpenGL.platform  # noqa: F401  - binds the platform (EGL, set by conftest) as rendering does
 
     monkeypatch.delenv("HANDSYNTH_GL_PLATFORM", raising=False)
     monkeypatch.setenv("PYOPENGL_PLATFORM", "egl")

@@ -200,38 +200,6 @@ def _release() -> None:
         except Exception:  # noqa: BLE001 - at exit the display may already be gone; nothing to clean then
             pass
         _OFFSCREEN = None
-_SCENE_CLASS = None
-
-
-def _ordered_scene_class(pyrender):
-    """A pyrender.Scene whose meshes and lights iterate in the order they were added.
-
-    pyrender keeps them in sets, which iterate in memory-address order that changes from run to
-    run; the draw order of touching hands and the order in which the shader sums the lights would
-    then change too, and with them a few pixels. Insertion order makes renders byte-identical.
-    """
-    global _SCENE_CLASS
-    if _SCENE_CLASS is None:
-        class OrderedScene(pyrender.Scene):
-            def add_node(self, node, parent_node=None):
-                super().add_node(node, parent_node=parent_node)
-                added = self.__dict__.setdefault("_added", {})
-                added.setdefault(node, len(added))
-
-            def _in_order(self, nodes):
-                return sorted(nodes, key=self.__dict__.get("_added", {}).__getitem__)
-
-            @property
-            def mesh_nodes(self):
-                return self._in_order(self._mesh_nodes)
-
-            @property
-            def light_nodes(self):
-                return self._in_order(self._point_light_nodes | self._spot_light_nodes
-                                      | self._directional_light_nodes)
-
-        _SCENE_CLASS = OrderedScene
-    return _SCENE_CLASS
 
 
 def _depth_image(depth: np.ndarray, z_near: float, z_far: float) -> np.ndarray:
