@@ -1,0 +1,177 @@
+"""Generation throughput of AttentionHandPipeline, with and without TAS, on random SD1.5-size weights.
+
+Builds the Stable Diffusion 1.5 architecture (UNet, guidance module from it, VAE, CLIP ViT-L/14 text
+encoder) from configs written below with random weights - nothing is downloaded - and times
+``--repeats`` generations per batch size at 512x512, 20 DDIM steps, TAS off and TAS on (first 10
+steps, one update each). Both are measured in the same run on the same models; the TAS share is
+``1 - t_off / t_on``, the fraction of a TAS-on generation spent in TAS.
+
+    python benchmarks/generate.py                       # CUDA, fp16, batch sizes 1 and 4
+    python benchmarks/generate.py --dtype bf16 --local  # bf16, global + local branch
+    python benchmarks/generate.py --device cpu --tiny   # tiny models on CPU: checks the script itself
+
+Output, one line per batch size (parsed by tests/test_pipeline.py):
+    batch=4 tas_off_images_per_s=1.2345 tas_on_images_per_s=0.8765 tas_time_share=0.2900
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from handsynth.attentionhand.guidance import build_guidance_module, freeze  # noqa: E402
+from handsynth.attentionhand.pipeline import AttentionHandPipeline  # noqa: E402
+from handsynth.attentionhand.tas import TASConfig  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+)
+SD15_VAE = dict(
+    sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
+)
+CLIP_VIT_L14_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                      set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+# The tiny stand-ins of tests/fixtures/diffusion.py (latent = image / 2).
+TINY_UNET = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+TINY_VAE = dict(
+    sample_size=64, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+)
+TINY_TEXT = dict(CLIP_VIT_L14_TEXT, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, projection_dim=32, hidden_act="gelu")
+
+PROMPT = "The woman is holding a pink umbrella with her hand."
+HAND_TOKENS = [4, 10]  # "holding", "hand" with the real CLIP vocabulary
+
+
+def clip_tokenizer(workdir: Path):
+    """The real CLIP tokenizer from open_clip's BPE file when one is at hand, else a character-level stand-in
+    (same special tokens and length; token positions then differ, which does not change the timing)."""
+    from handsynth.tokenizer import build_clip_tokenizer, load_clip_tokenizer
+
+    cache = Path(os.environ.get("HANDSYNTH_TEST_CACHE", Path.home() / ".cache" / "handsynth-tests"))
+    bpe = Path(os.environ.get("HANDSYNTH_CLIP_BPE", cache / "bpe_simple_vocab_16e6.txt.gz"))
+    if bpe.exists():
+        return load_clip_tokenizer(build_clip_tokenizer(bpe, workdir / "tokenizer"))
+    print(f"note: {bpe} not found, using a character-level stand-in tokenizer", file=sys.stderr)
+    symbols = [chr(c) for c in range(33, 127)]
+    folder = workdir / "tokenizer"
+    folder.mkdir()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+    return load_clip_tokenizer(folder)
+
+
+def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, workdir: Path) -> AttentionHandPipeline:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    logging.set_verbosity_error()  # casting random-weight models with .to(dtype) is intended here
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if tiny else CLIP_VIT_L14_TEXT)))
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    controlnet = build_guidance_module(unet, vae_factor)
+    modules = [m.to(dtype=dtype) for m in (unet, vae, text_encoder, controlnet)]
+    freeze(*modules)
+    return AttentionHandPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(workdir), unet=unet,
+                                 controlnet=controlnet, scheduler=DDIMScheduler(**SD15_SCHEDULER))
+
+
+def timed(pipe, batch: int, size: int, steps: int, tas: TASConfig | None, local: bool, repeats: int,
+          device: str) -> float:
+    """Seconds for ``repeats`` generations of ``batch`` images."""
+    rng = np.random.default_rng(0)
+    meshes = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    kwargs = dict(local_mesh_image=meshes if local else None, hand_token_indices=[HAND_TOKENS] * batch,
+                  num_inference_steps=steps, tas=tas, height=size, width=size, output_type="pt")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for r in range(repeats):
+        gens = [torch.Generator(device).manual_seed(1000 * r + i) for i in range(batch)]
+        pipe([PROMPT] * batch, meshes, generator=gens, **kwargs)
+    sync()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (64x64) instead of SD1.5 size")
+    ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--steps", type=int, help="denoising steps (default 20; tiny: 2)")
+    ap.add_argument("--tas-steps", type=int, help="TAS during the first K steps (default 10; tiny: 1)")
+    ap.add_argument("--repeats", type=int, help="timed generations per setting (default 3; tiny: 1)")
+    ap.add_argument("--local", action="store_true", help="also run the local branch (2 images per sample)")
+    args = ap.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device is visible to torch; this benchmark needs a GPU. To check the script itself "
+              "on CPU run: python benchmarks/generate.py --device cpu --tiny", file=sys.stderr)
+        return 2
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")]
+    steps = args.steps or (2 if args.tiny else 20)
+    tas_steps = args.tas_steps if args.tas_steps is not None else (1 if args.tiny else 10)
+    repeats = args.repeats or (1 if args.tiny else 3)
+    size = 64 if args.tiny else 512
+    tas = TASConfig(max_steps=tas_steps)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_pipeline(args.tiny, args.device, dtype, Path(tmp))
+    pipe.set_progress_bar_config(disable=True)
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    print(f"device={name} dtype={dtype} size={size} steps={steps} tas_steps={tas_steps} repeats={repeats} "
+          f"local={args.local} {'tiny' if args.tiny else 'sd15'}")
+    for batch in args.batch_sizes:
+        # warm-up (kernel selection, allocator, autograd): one TAS-on generation, 1 step when tiny
+        timed(pipe, batch, size, 1 if args.tiny else steps, tas, args.local, 1, args.device)
+        t_off = timed(pipe, batch, size, steps, None, args.local, repeats, args.device)
+        t_on = timed(pipe, batch, size, steps, tas, args.local, repeats, args.device)
+        n = batch * repeats
+        print(f"batch={batch} tas_off_images_per_s={n / t_off:.4f} tas_on_images_per_s={n / t_on:.4f} "
+              f"tas_time_share={1 - t_off / t_on:.4f}", flush=True)
+    if args.device.startswith("cuda"):
+        print(f"peak_gpu_memory_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
