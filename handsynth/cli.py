@@ -10,6 +10,7 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from handsynth import __version__
 from handsynth.console import console
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except HandsynthError as exc:
         if debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/bold red] {exc.message}", soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished items are kept; rerun the same command to resume[/yellow]")

@@ -16,6 +16,7 @@ from pathlib import Path
 from handsynth.errors import MissingResourceError
 
 CLIP_MAX_LENGTH = 77
+CLIP_VOCAB_SIZE = 49408
 _N_MERGES = 49152 - 256 - 2
 
 
@@ -55,23 +56,33 @@ def build_clip_tokenizer(bpe_gz: str | Path, out_dir: str | Path) -> Path:
 
 
 def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
-    """Load the CLIP tokenizer of a Stable Diffusion model id or folder (or a tokenizer folder itself)."""
+    """Load the CLIP tokenizer of a Stable Diffusion model id or folder (or a tokenizer folder itself).
+
+    Raises MissingResourceError when it cannot be found, or when what loads is not CLIP's
+    49,408-token vocabulary (transformers can return a near-empty tokenizer instead of failing).
+    """
+    import os
+
     from transformers import CLIPTokenizer
 
     path = Path(model).expanduser()
     if path.is_dir() and (path / "vocab.json").exists():
         subfolder = None
+    fix = ("pass a local Stable Diffusion folder (diffusers layout) or download the model once with "
+           f"`huggingface-cli download {model}`; offline, build the tokenizer from open_clip's BPE file with "
+           "`python -m handsynth.tokenizer bpe_simple_vocab_16e6.txt.gz OUT_DIR` and pass OUT_DIR")
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or path.exists():
+        kwargs["local_files_only"] = True
     try:
-        kwargs = {"subfolder": subfolder} if subfolder else {}
         tokenizer = CLIPTokenizer.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError) as exc:
+        raise MissingResourceError(f"cannot load the CLIP tokenizer of '{model}': {str(exc).splitlines()[0]}",
+                                   where=model, fix=fix) from None
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
         raise MissingResourceError(
-            f"cannot load the CLIP tokenizer of '{model}': {str(exc).splitlines()[0]}",
-            where=model,
-            fix=("pass a local Stable Diffusion folder (diffusers layout) or download the model once with "
-                 f"`huggingface-cli download {model}`; offline, build the tokenizer from open_clip's BPE file with "
-                 "`python -m handsynth.tokenizer bpe_simple_vocab_16e6.txt.gz OUT_DIR` and pass OUT_DIR"),
-        ) from None
+            f"'{model}' did not give CLIP's tokenizer ({len(tokenizer)} tokens instead of {CLIP_VOCAB_SIZE})",
+            where=model, fix=fix)
     tokenizer.model_max_length = CLIP_MAX_LENGTH
     return tokenizer
 

@@ -15,3 +15,19 @@ def test_roundtrip_and_truncation(clip_tokenizer):
     assert clip_tokenizer.decode(ids, skip_special_tokens=True).replace(" .", ".").strip() == text
     long = clip_tokenizer(" ".join(["hand"] * 200), truncation=True, max_length=77).input_ids
     assert len(long) == 77 and long[-1] == 49407
+
+
+def test_missing_or_wrong_tokenizer_is_a_clear_error(tmp_path):
+    import json
+
+    import pytest
+
+    from handsynth.errors import MissingResourceError
+    from handsynth.tokenizer import load_clip_tokenizer
+
+    with pytest.raises(MissingResourceError, match="bpe_simple_vocab_16e6"):
+        load_clip_tokenizer(tmp_path / "nothing-here")
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(MissingResourceError, match=r"4 tokens instead of 49408"):
+        load_clip_tokenizer(tmp_path)
