@@ -50,6 +50,20 @@ def test_batch_equals_single_runs_and_mesh_matters(ah_pipe):
     assert np.abs(other_mesh[0] - batch[0]).max() > 1e-3
 
 
+def test_ancestral_sampler_batch_equals_single_runs(ah_pipe):
+    from handsynth.attentionhand.loading import make_scheduler
+
+    ddim = ah_pipe.scheduler
+    ah_pipe.scheduler = make_scheduler("euler-a", ddim.config)  # draws fresh noise at every step
+    try:
+        meshes = mesh_images(2)
+        batch = ah_pipe(PROMPTS[:2], meshes, generator=gens(7, 8), **FAST).images
+        singles = [ah_pipe(PROMPTS[i], meshes[i], generator=gens(7 + i), **FAST).images[0] for i in range(2)]
+    finally:
+        ah_pipe.scheduler = ddim
+    np.testing.assert_allclose(batch, np.stack(singles), atol=1e-5)
+
+
 def test_global_and_local_in_one_batch_equal_separate_runs(ah_pipe):
     meshes, crops = mesh_images(2, seed=1), mesh_images(2, seed=2)
     both = ah_pipe(PROMPTS[:2], meshes, local_mesh_image=crops, generator=gens(1, 2), local_generator=gens(5, 6),
@@ -86,7 +100,8 @@ def test_mesh_image_formats_agree(ah_pipe):
     as_tensor = ah_pipe.prepare_mesh_images([torch.from_numpy(img).permute(2, 0, 1) / 255.0], 64, 64)
     grey = ah_pipe.prepare_mesh_images([img[..., 0]], 64, 64)
     assert as_pil.shape == (1, 3, 64, 64) and as_pil.min() >= 0 and as_pil.max() <= 1
-    assert torch.equal(as_pil, as_uint8) and torch.equal(grey[:, 0], as_pil[:, 0]) and torch.equal(grey[:, 2], grey[:, 0])
+    assert torch.equal(as_pil, as_uint8)
+    assert torch.equal(grey[:, 0], as_pil[:, 0]) and torch.equal(grey[:, 2], grey[:, 0])
     torch.testing.assert_close(as_tensor, as_uint8)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         ah_pipe.prepare_mesh_images([img.astype(np.float32)], 64, 64)

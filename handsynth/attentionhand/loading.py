@@ -33,12 +33,16 @@ def resolve_dtype(precision: str | torch.dtype) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def _check_scheduler(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+
+
 def make_scheduler(name: str, config):
     """A diffusers scheduler by recipe name ("ddim", "dpm++2m", "euler-a", "unipc") from a scheduler config."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+    _check_scheduler(name)
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
@@ -83,7 +87,7 @@ def load_guidance_module(guidance: str | Path, *, dtype: torch.dtype = torch.flo
     subfolder = "controlnet" if (path / "controlnet" / "config.json").exists() else None
     try:
         return ControlNetModel.from_pretrained(str(guidance), subfolder=subfolder, torch_dtype=dtype,
-                                               use_safetensors=True)
+                                               **_safe_kwargs())
     except (OSError, ValueError) as exc:
         raise _missing("guidance module", str(guidance), exc) from None
 
@@ -96,7 +100,9 @@ def load_pipeline(base: str | Path = DEFAULT_BASE_MODEL, guidance: str | Path | 
     ``base``: id or folder with subfolders vae/, text_encoder/, tokenizer/, unet/, scheduler/.
     ``guidance``: id or folder of a saved guidance module; None builds a fresh one from the UNet (its
     residuals are zero, so it does not steer by the mesh yet) and prints a warning. ``dtype``: "fp16",
-    "bf16", "fp32" or a torch dtype. All components are frozen (eval, no parameter gradients). Missing models raise :class:`MissingResourceError` naming the offline fix.
+    "bf16", "fp32" or a torch dtype. ``scheduler``: a :data:`SCHEDULERS` name. All components are frozen
+    (eval, no parameter gradients). Missing models raise :class:`MissingResourceError` naming the offline fix;
+    the guidance module is loaded first, so a wrong guidance path fails fast.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -106,6 +112,8 @@ def load_pipeline(base: str | Path = DEFAULT_BASE_MODEL, guidance: str | Path | 
     from handsynth.tokenizer import load_clip_tokenizer
 
     dtype = resolve_dtype(dtype)
+    _check_scheduler(scheduler)
+    controlnet = None if guidance is None else load_guidance_module(guidance, dtype=dtype)
     base = str(base)
     try:
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **_safe_kwargs())
@@ -116,12 +124,10 @@ def load_pipeline(base: str | Path = DEFAULT_BASE_MODEL, guidance: str | Path | 
     except (OSError, ValueError) as exc:
         raise _missing("base model", base, exc) from None
     tokenizer = load_clip_tokenizer(base)
-    if guidance is None:
+    if controlnet is None:
         console.print("[yellow]warning:[/yellow] no guidance module given: using a freshly initialised, UNTRAINED "
                       "one (images follow the prompt only, not the mesh); pass --guidance / model.guidance")
         controlnet = build_guidance_module(unet, 2 ** (len(vae.config.block_out_channels) - 1))
-    else:
-        controlnet = load_guidance_module(guidance, dtype=dtype)
     freeze(vae, unet, text_encoder, controlnet)
     pipe = AttentionHandPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                  controlnet=controlnet, scheduler=make_scheduler(scheduler, scheduler_config))

@@ -36,8 +36,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from handsynth.attentionhand.tas import (AttentionStore, TASConfig, refine, step_sizes, tas_processors,
-                                         tas_update)
+from handsynth.attentionhand.tas import (AttentionStore, TASConfig, check_token_indices, refine, step_sizes,
+                                         tas_processors, tas_update)
 
 
 @dataclass
@@ -152,8 +152,7 @@ class AttentionHandPipeline(DiffusionPipeline):
         globals_ = _as_list(mesh_image, batch, "mesh_image")
         locals_ = None if local_mesh_image is None else _as_list(local_mesh_image, batch, "local_mesh_image")
         tokens = [list(t) for t in hand_token_indices] if hand_token_indices is not None else [[] for _ in prompts]
-        if len(tokens) != batch:
-            raise ValueError(f"{len(tokens)} hand-token lists for {batch} prompts")
+        check_token_indices(tokens, batch)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         if height % self.vae_scale_factor or width % self.vae_scale_factor:

@@ -206,7 +206,8 @@ def tas_processors(unet, store: AttentionStore) -> Iterator[AttentionStore]:
 # Refinement and loss
 
 
-def _check_tokens(token_indices: Sequence[Sequence[int]], batch: int) -> None:
+def check_token_indices(token_indices: Sequence[Sequence[int]], batch: int) -> None:
+    """One list per sample, every position a text token 1..75; ValueError otherwise."""
     if len(token_indices) != batch:
         raise ValueError(f"{len(token_indices)} hand-token lists for a batch of {batch}")
     for tokens in token_indices:
@@ -241,7 +242,7 @@ def smooth_tokens(probs: torch.Tensor, token_indices: Sequence[Sequence[int]], k
     map k belonging to CLIP position ``token_indices[i][k]``. The filter is a fixed normalised Gaussian
     with reflect padding (torch's 'reflect': the edge pixel is not repeated).
     """
-    _check_tokens(token_indices, probs.shape[0])
+    check_token_indices(token_indices, probs.shape[0])
     rows = [i for i, tokens in enumerate(token_indices) for _ in tokens]
     cols = [p - FIRST_TEXT_TOKEN for tokens in token_indices for p in tokens]
     if not rows:
@@ -295,7 +296,7 @@ def tas_update(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]
     parameters receive no gradients (autograd is asked for the latents' gradient only). The gradient is
     computed in the denoiser's dtype; the update is applied in float32 and cast back to the latents' dtype.
     """
-    _check_tokens(token_indices, latents.shape[0])
+    check_token_indices(token_indices, latents.shape[0])
     losses = latents.new_zeros(latents.shape[0], dtype=torch.float32)
     rows = [i for i, tokens in enumerate(token_indices) if tokens]
     if not rows:
