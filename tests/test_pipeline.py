@@ -66,12 +66,16 @@ def test_ancestral_sampler_batch_equals_single_runs(ah_pipe):
 
 def test_global_and_local_in_one_batch_equal_separate_runs(ah_pipe):
     meshes, crops = mesh_images(2, seed=1), mesh_images(2, seed=2)
+    tokens = dict(hand_token_indices=TOKENS[:2], return_attention=True)
     both = ah_pipe(PROMPTS[:2], meshes, local_mesh_image=crops, generator=gens(1, 2), local_generator=gens(5, 6),
-                   **FAST)
-    glob = ah_pipe(PROMPTS[:2], meshes, generator=gens(1, 2), **FAST).images
+                   **tokens, **FAST)
+    alone = ah_pipe(PROMPTS[:2], meshes, generator=gens(1, 2), **tokens, **FAST)
+    glob = alone.images
     loc = ah_pipe(PROMPTS[:2], crops, generator=gens(5, 6), **FAST).images
     np.testing.assert_allclose(both.images, glob, atol=1e-5)
     np.testing.assert_allclose(both.local_images, loc, atol=1e-5)
+    for a, b in zip(both.attention_maps, alone.attention_maps):  # maps come from the global text rows
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # default local stream: the same generator, drawn after the global latent -> the global image is unchanged
     default = ah_pipe(PROMPTS[:2], meshes, local_mesh_image=crops, generator=gens(1, 2), **FAST)
     np.testing.assert_allclose(default.images, glob, atol=1e-5)
@@ -91,6 +95,27 @@ def test_tas_at_inference(ah_pipe):
     maps = out.attention_maps
     assert [m.shape for m in maps] == [(2, 16, 16), (0, 16, 16)]
     assert (maps[0] > 0).all() and (maps[0] < 1).all()
+
+
+def test_attention_maps_come_from_the_text_rows(ah_pipe):
+    # one step: the first step's latents do not depend on the guidance scale, so the text rows of the
+    # classifier-free-guidance batch must give exactly the maps of a run without the unconditional half
+    kwargs = dict(hand_token_indices=TOKENS[:2], return_attention=True, num_inference_steps=1, output_type="np")
+    cfg = ah_pipe(PROMPTS[:2], mesh_images(2), generator=gens(1, 2), guidance_scale=9.0, **kwargs)
+    text_only = ah_pipe(PROMPTS[:2], mesh_images(2), generator=gens(1, 2), guidance_scale=1.0, **kwargs)
+    for a, b in zip(cfg.attention_maps, text_only.attention_maps):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_with_tas_follows_fp32(clip_tokenizer_dir):
+    pipe = make_pipeline(clip_tokenizer_dir)
+    kwargs = dict(hand_token_indices=[TOKENS[0]], tas=TASConfig(max_steps=1, step_size_start=1000.0), **FAST)
+    full = pipe(PROMPTS[0], mesh_images(1), generator=gens(0), **kwargs).images
+    pipe.to(dtype=torch.bfloat16)
+    half = pipe(PROMPTS[0], mesh_images(1), generator=gens(0), **kwargs).images
+    plain = pipe(PROMPTS[0], mesh_images(1), generator=gens(0), **FAST).images
+    assert np.isfinite(half).all() and np.abs(half - full).mean() < 0.02  # random images differ by ~0.3
+    assert np.abs(half - plain).max() > 1e-3  # TAS acted in bf16 too
 
 
 def test_mesh_image_formats_agree(ah_pipe):

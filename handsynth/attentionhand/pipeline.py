@@ -162,8 +162,10 @@ class AttentionHandPipeline(DiffusionPipeline):
         rows = branches * batch
         cfg = guidance_scale > 1.0
 
+        for gens in (generator, local_generator):
+            if isinstance(gens, list) and len(gens) != batch:
+                raise ValueError(f"{len(gens)} generators for {batch} prompts: pass one per prompt")
         cond = self.encode_prompts(prompts).repeat(branches, 1, 1)
-        uncond = self.encode_prompts([negative_prompt] * batch).repeat(branches, 1, 1)
         mesh = self.prepare_mesh_images(globals_ + (locals_ or []), height, width)
         latents = self.prepare_latents(batch, height, width, generator)
         noise_generators = generator
@@ -172,7 +174,9 @@ class AttentionHandPipeline(DiffusionPipeline):
             latents = torch.cat([latents, self.prepare_latents(batch, height, width, local_generator)])
             if isinstance(generator, list):
                 noise_generators = list(generator) + list(local_generator)
-        text = torch.cat([uncond, cond]) if cfg else cond
+        text = cond
+        if cfg:  # rows: [uncond global | uncond local | cond global | cond local]
+            text = torch.cat([self.encode_prompts([negative_prompt] * batch).repeat(branches, 1, 1), cond])
         mesh_in = torch.cat([mesh, mesh]) if cfg else mesh
         row_tokens = tokens * branches
 
