@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,12 +26,15 @@ MANIFEST = "manifest.json"
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``."""
+    """Yield a new, empty temporary file next to ``path``; on success it is renamed to ``path``.
+
+    The temporary file is created with the default permissions (0o666 less the umask), like any
+    file the user writes, so the renamed result is as readable as a directly written one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp_path.touch(exist_ok=False)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -40,8 +44,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    """Write ``data`` to ``path`` atomically; OutputError (naming the file) when it cannot be written."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        raise OutputError(f"cannot write the file: {exc.strerror or exc}", where=path,
+                          fix="check free disk space and the output directory's permissions") from None
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
@@ -87,7 +96,7 @@ def read_json(path: str | Path, *, what: str = "JSON file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(
-            f"the {what} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
+            f"the {what} is not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno}, column {exc.colno}",
             where=path,
             fix="repair or regenerate the file (a truncated download is a common cause)",
         ) from None

@@ -41,6 +41,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left behind
 
 
+def test_atomic_write_gets_default_permissions_and_clear_errors(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644      # not mkstemp's 0o600
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError) as err:
+        write_json_atomic(blocker / "b.json", {"b": 2})
+    assert str(blocker / "b.json") in err.value.message
+
+
 def test_write_json_rejects_nan(tmp_path):
     with pytest.raises(ValueError):
         write_json_atomic(tmp_path / "x.json", {"v": float("nan")})
