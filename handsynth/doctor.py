@@ -66,7 +66,7 @@ def check_gpu() -> Check:
 
     if not torch.cuda.is_available():
         return Check("GPU", False, f"no CUDA device visible to torch {torch.__version__} "
-                     "(render and export run on CPU; generate and train need a GPU for real sizes)",
+                     "(rendering runs on the CPU; generation at real sizes needs a GPU)",
                      "on a GPU machine run HANDSYNTH_TORCH=cuda ./setup.sh in a fresh venv", required=False)
     name = torch.cuda.get_device_name(0)
     dtypes = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
@@ -76,6 +76,11 @@ def check_gpu() -> Check:
 
 def check_model(model: str) -> Check:
     path = Path(model).expanduser()
+    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+    if looks_like_path and not path.exists():
+        return Check(f"model {model}", False, "no such folder",
+                     "pass the folder a diffusers save_pretrained wrote, or a hub id such as "
+                     f"{DEFAULT_BASE_MODEL}")
     if path.exists():
         ok = (path / "model_index.json").exists() or (path / "config.json").exists()
         return Check(f"model {model}", ok, "local folder" + ("" if ok else " without model_index.json/config.json"),
@@ -116,10 +121,10 @@ def doctor(
     failed = 0
     for make in checks:
         c = make()
-        mark = "[green]ok[/green]" if c.ok else ("[red]MISSING[/red]" if c.required else "[yellow]warn[/yellow]")
-        stdout.print(f"{mark:>24}  [bold]{c.name}[/bold]: {c.detail}", soft_wrap=True)
+        word, style = ("ok", "green") if c.ok else (("MISSING", "red") if c.required else ("warn", "yellow"))
+        stdout.print(f"[{style}]{word:>7}[/{style}]  [bold]{c.name}[/bold]: {c.detail}", soft_wrap=True)
         if not c.ok:
-            stdout.print(f"{'':>10}fix: {c.fix}", soft_wrap=True)
+            stdout.print(f"{'':>9}fix: {c.fix}", soft_wrap=True)
             failed += c.required
     if failed:
         stdout.print(f"{failed} required piece(s) missing.")

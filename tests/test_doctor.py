@@ -19,4 +19,5 @@ def test_doctor_names_missing_pieces_and_fixes(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 1
     assert "mano.is.tue.mpg.de" in out and str(tmp_path / "no-mano") in out
-    assert "required piece(s) missing" in out
+    assert "no-model: no such folder" in out
+    assert "2 required piece(s) missing" in out
