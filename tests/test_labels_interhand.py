@@ -220,8 +220,8 @@ def _set_mano(field, value):
     (_set_mano("pose", [0.0] * 45), ["'right.pose'", "48", "45"]),
     (_set_mano("shape", [0.0] * 11), ["'right.shape'", "10", "11"]),
     (_set_mano("trans", [0.0, 0.0]), ["'right.trans'", "3", "2"]),
-    (_set_mano("trans", [0.0, float("nan"), 1.0]), ["'right.trans'", "non-finite", "nan"]),
-    (_set_mano("pose", [float("inf")] + [0.0] * 47), ["'right.pose'", "non-finite", "inf"]),
+    (_set_mano("trans", [0.0, float("nan"), 1.0]), ["'right.trans'", "non-finite", "(nan at index 1)"]),
+    (_set_mano("pose", [float("inf")] + [0.0] * 47), ["'right.pose'", "non-finite", "(inf at index 0)"]),
     (_set_mano("shape", "zeros"), ["'right.shape'", "list of 10 numbers"]),
     (lambda d: d["3"]["69148"]["right"].pop("shape"), ["missing key 'shape'"]),
 ])

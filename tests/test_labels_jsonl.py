@@ -62,6 +62,7 @@ def _hand(**kw):
 
 @pytest.mark.parametrize("line, names", [
     ('{"id": "x", "width": 3', ["line 2 is not valid JSON"]),
+    ('{"id": "x", "wid\x01"}', ["line 2 is not valid JSON: Invalid control character at column 17"]),
     ("[1, 2]", ["line 2 should be a JSON object"]),
     (jsonl_record("x", hands=_hand(pose=[0.0] * 47)), ["'hands[0].pose'", "48", "47"]),
     (jsonl_record("x", hands=_hand(shape=[0.0] * 9)), ["'hands[0].shape'", "10"]),

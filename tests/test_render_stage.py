@@ -247,11 +247,16 @@ def test_bad_inputs_fail_cleanly_and_keep_the_earlier_run(edge_cases, tmp_path, 
     broken.write_text('{"id": "x", "width": 3\n')
     bad_mano = tmp_path / "no-mano"
     bad_mano.mkdir()
+    corrupt_mano = tmp_path / "corrupt-mano"
+    corrupt_mano.mkdir()
+    (corrupt_mano / "MANO_RIGHT.pkl").write_bytes((Path(mano_dir) / "MANO_RIGHT.pkl").read_bytes()[:1000])
+    (corrupt_mano / "MANO_LEFT.pkl").write_bytes((Path(mano_dir) / "MANO_LEFT.pkl").read_bytes())
     cases = [
         ["--labels", str(broken)],                                         # malformed JSON
         ["--labels", str(edge_cases), "--format", "nonsense"],             # unknown format
         ["--labels", str(tmp_path / "missing.json")],                      # missing file
         ["--labels", str(edge_cases), "--mano-dir", str(bad_mano)],        # missing MANO files
+        ["--labels", str(edge_cases), "--mano-dir", str(corrupt_mano)],    # truncated MANO file
         ["--labels", str(edge_cases), "--style", "depth"],                 # other settings into the same run
         ["--labels", str(edge_cases), "--local-size", "3"],
     ]
@@ -266,9 +271,20 @@ def test_bad_inputs_fail_cleanly_and_keep_the_earlier_run(edge_cases, tmp_path, 
         assert _snapshot(out) == before, args
     # bad input creates no output directory either
     assert main(["render", "--labels", str(broken), "--out", str(tmp_path / "fresh"), "--mano-dir", str(mano_dir)]) != 0
-    assert main(["render", "--labels", str(edge_cases), "--out", str(tmp_path / "fresh"), "--mano-dir",
-                 str(bad_mano)]) != 0
+    for mano in (bad_mano, corrupt_mano):       # MANO files are checked before anything is written
+        assert main(["render", "--labels", str(edge_cases), "--out", str(tmp_path / "fresh"), "--mano-dir",
+                     str(mano)]) != 0
+        assert "MANO_RIGHT.pkl" in capsys.readouterr().err
     assert not (tmp_path / "fresh").exists()
+
+
+def test_temporary_looking_files_of_a_folder_that_is_no_run_are_kept(edge_cases, tmp_path, mano_dir):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / ".notes.txt.tmp").write_text("the user's")
+    summary = render_run(edge_cases, out, mano_dir=mano_dir, limit=1)
+    assert summary.rendered == 1 and (out / ".notes.txt.tmp").read_text() == "the user's"
+    assert json.loads((out / "manifest.json").read_text())["counts"]["stray_temporaries_removed"] == 0
 
 
 def test_mirrored_hand_and_camera_render_mirrored(tmp_path, mano_dir):

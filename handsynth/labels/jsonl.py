@@ -70,7 +70,7 @@ def _frame(path: Path, number: int, line: str, skips: Skips) -> Frame | None:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise InputError(f"line {number} is not valid JSON: {exc.msg} at column {exc.colno}",
+        raise InputError(f"line {number} is not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}",
                          where=f"{path}, line {number}",
                          fix="write one complete JSON object per line") from None
     if not isinstance(rec, Mapping):

@@ -71,7 +71,7 @@ def numbers(value: Any, size: int, where: Where, field: str, *, unit: str = "") 
                           f"give exactly {size} values for '{field}'")
     if not np.isfinite(arr).all():
         i = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise where.error(field, f"holds a non-finite value ({arr[i]!r} at index {i})",
+        raise where.error(field, f"holds a non-finite value ({float(arr[i])!r} at index {i})",
                           "replace NaN/Infinity by real numbers, or drop the record")
     return arr
 

@@ -263,7 +263,10 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
     label_set = read_labels(Path(labels_path), format, limit=limit)
     _check_unique_keys(label_set.frames, Path(labels_path))
     mano_root = resolve_mano_dir(Path(mano_dir) if mano_dir else None)
-    mano_hashes = HandModel(mano_root).file_hashes()
+    model = HandModel(mano_root)
+    for side in sorted({h.side for f in label_set.frames for h in f.hands if h.valid}):
+        model.faces(side)           # loads and checks the side's file before the run directory is touched
+    mano_hashes = model.file_hashes()
     out = io.ensure_writable_dir(out)
     manifest = {
         "inputs": {"labels": [{"path": str(p), "sha256": io.sha256_file(p)} for p in label_set.sources],
@@ -276,8 +279,8 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
                                    "rgb_local": "rgb_local/<key>.jpg", "labels": "labels/<key>.json",
                                    "all_labels": "labels.jsonl"},
     }
-    _check_resumable(out, manifest)
-    stray = _remove_stray_temporaries(out)
+    resuming = _check_resumable(out, manifest)
+    stray = _remove_stray_temporaries(out) if resuming else 0     # never touch a folder that is not a run
     io.write_json_atomic(out / io.MANIFEST, io.new_manifest(STAGE, command, status="running", **manifest))
 
     frames = label_set.frames
@@ -324,10 +327,10 @@ def _check_unique_keys(frames: list[Frame], source: Path) -> None:
                          fix="give every frame a unique id in the label file")
 
 
-def _check_resumable(out: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to add frames to a run directory made from other inputs or settings."""
+def _check_resumable(out: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``out`` holds an earlier render run to resume; refuses one made from other inputs or settings."""
     if not (out / io.MANIFEST).exists():
-        return
+        return False
     earlier = io.read_manifest(out)
     if earlier.get("stage") != STAGE:
         raise InputError(f"{out} holds the output of the '{earlier.get('stage')}' stage", where=out / io.MANIFEST,
@@ -343,6 +346,7 @@ def _check_resumable(out: Path, manifest: dict[str, Any]) -> None:
                 f"{out} holds a render run made with other {name} ({before}), not ({now})",
                 where=out / io.MANIFEST,
                 fix="rerun with the original inputs and settings to resume it, or choose a new --out")
+    return True
 
 
 def _remove_stray_temporaries(out: Path) -> int:
