@@ -142,6 +142,10 @@ def test_bad_wholebody_records(tmp_path):
     with pytest.raises(InputError, match="missing key 'width'") as err:
         read_labels(mano)
     assert str(wholebody(mano)) in err.value.message and "image id 1011" in err.value.message
+    edit_json(wholebody(mano), lambda d: d["annotations"][0].update(image_id=[1011]))
+    with pytest.raises(InputError, match="'image_id' must be a non-empty string or an integer") as err:
+        read_labels(mano)
+    assert str(wholebody(mano)) in err.value.message
     wholebody(mano).write_text("{\"images\": [")
     with pytest.raises(InputError, match="not valid JSON"):
         read_labels(mano)

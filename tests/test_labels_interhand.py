@@ -257,6 +257,9 @@ def test_bad_camera_values(interhand_set, change, names):
     (lambda d: d["images"][0].pop("width"), ["missing key 'width'", "image id 326750"]),
     (lambda d: d["images"][0].update(height=0), ["'height'", "positive"]),
     (lambda d: d["annotations"][0].update(hand_type="both"), ["hand_type", "'both'"]),
+    (lambda d: d["annotations"][0].update(hand_type=["right"]), ["hand_type", "['right']"]),
+    (lambda d: d["annotations"][0].update(image_id=[326750]), ["annotations[0]", "'image_id'", "integer"]),
+    (lambda d: d["images"][0].update(id={"n": 1}), ["images[0]", "'id'", "integer"]),
     (lambda d: d.pop("annotations"), ["missing key 'annotations'"]),
 ])
 def test_bad_data_records(interhand_set, change, names):

@@ -27,7 +27,7 @@ from handsynth.keys import frame_key
 from handsynth.labels.base import LabelSet, Skips, find_file_ci, image_roots, locate_image
 from handsynth.labels.detect import classify
 from handsynth.labels.schema import SIDES, Camera, Frame, Hand
-from handsynth.labels.validate import Where, image_size, make_camera, make_hand, numbers, require
+from handsynth.labels.validate import Where, image_size, make_camera, make_hand, numbers, record_id, require
 
 FORMAT = "coco-neuralannot"
 MANO_NAME = re.compile(r"^mscoco_(?P<split>.+)_mano_neuralannot\.json$", re.IGNORECASE)
@@ -85,9 +85,9 @@ def _frames(mano_path: Path, fits: Any, wb_path: Path, wholebody: Any,
                          f"annotation id, got {type(fits).__name__}", where=mano_path,
                          fix="check that --labels names an MSCOCO_*_MANO_NeuralAnnot.json file")
     top = Where(wb_path, "top level")
-    anns = {str(require(a, "id", Where(wb_path, f"annotations[{i}]"))): a
+    anns = {str(record_id(a, "id", Where(wb_path, f"annotations[{i}]"))): a
             for i, a in enumerate(require(wholebody, "annotations", top))}
-    images = {require(m, "id", Where(wb_path, f"images[{i}]")): m
+    images = {record_id(m, "id", Where(wb_path, f"images[{i}]")): m
               for i, m in enumerate(require(wholebody, "images", top))}
     split = (MANO_NAME.match(mano_path.name) or WHOLEBODY_NAME.match(wb_path.name))
     split_name = split["split"] if split else None
@@ -115,7 +115,7 @@ def _person(aid: str, entry: Any, anns: dict, images: dict, mano_path: Path, wb_
         skips["missing_wholebody_annotation"] += 1
         return []
     ann_where = Where(wb_path, f"annotation id {aid}")
-    image_id = require(ann, "image_id", ann_where)
+    image_id = record_id(ann, "image_id", ann_where)
     img = images.get(image_id)
     if img is None:
         raise ann_where.error("image_id", f"refers to image id {image_id}, which the file's "

@@ -25,8 +25,8 @@ from handsynth.keys import frame_key
 from handsynth.labels.base import LabelSet, Skips, find_file_ci, image_roots, locate_image
 from handsynth.labels.detect import classify
 from handsynth.labels.schema import SIDES, Camera, Frame
-from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, require,
-                                       rotation)
+from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, record_id,
+                                       require, rotation)
 
 FORMAT = "interhand26m"
 
@@ -124,7 +124,7 @@ def _frames(files: dict[str, Path], docs: dict[str, Any], limit: int | None) -> 
 
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for i, ann in enumerate(annotations):
-        by_image[require(ann, "image_id", Where(data_path, f"annotations[{i}]"))].append(ann)
+        by_image[record_id(ann, "image_id", Where(data_path, f"annotations[{i}]"))].append(ann)
 
     roots = image_roots(data_path.parent, _split_dirs(data_path))
     camera_table = _Cameras(cameras, cam_path)
@@ -145,7 +145,7 @@ def _frame(img: Any, index: int, by_image: dict, cameras: _Cameras, manos: Mappi
            skips: Skips) -> Frame | None:
     data_path = files["data"]
     where = Where(data_path, f"images[{index}]")
-    image_id = require(img, "id", where)
+    image_id = record_id(img, "id", where)
     where = Where(data_path, f"image id {image_id}")
     capture, cam, frame_idx = (require(img, k, where) for k in ("capture", "camera", "frame_idx"))
     size = image_size(require(img, "width", where), require(img, "height", where), where)
@@ -208,7 +208,7 @@ def _valid_sides(anns: list, where: Where) -> set[str]:
     sides: set[str] = set()
     for ann in anns:
         hand_type = require(ann, "hand_type", where, field="hand_type (annotation)")
-        if hand_type not in HAND_TYPES:
+        if not isinstance(hand_type, str) or hand_type not in HAND_TYPES:
             raise where.error("hand_type (annotation)",
                               f"must be one of {sorted(HAND_TYPES)}, got {hand_type!r}",
                               "fix the annotation's hand_type")

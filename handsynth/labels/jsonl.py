@@ -31,7 +31,8 @@ from handsynth.errors import InputError
 from handsynth.keys import frame_key
 from handsynth.labels.base import LabelSet, Skips
 from handsynth.labels.schema import Camera, Frame
-from handsynth.labels.validate import Where, image_size, make_camera, make_hand, numbers, require
+from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, record_id,
+                                       require)
 
 FORMAT = "handsynth-jsonl"
 
@@ -76,10 +77,7 @@ def _frame(path: Path, number: int, line: str, skips: Skips) -> Frame | None:
     if not isinstance(rec, Mapping):
         raise InputError(f"line {number} should be a JSON object, got {type(rec).__name__}",
                          where=f"{path}, line {number}", fix="write one JSON object per line")
-    frame_id = require(rec, "id", where, holds="the frame's unique id")
-    if isinstance(frame_id, bool) or not isinstance(frame_id, (str, int)) or frame_id == "":
-        raise where.error("id", f"must be a non-empty string or an integer, got {frame_id!r}",
-                          "give each frame a unique id")
+    frame_id = record_id(rec, "id", where, holds="the frame's unique id")
     size = image_size(require(rec, "width", where), require(rec, "height", where), where)
     camera = _camera(rec, where)
 

@@ -54,6 +54,15 @@ def require(obj: Any, key: str, where: Where, *, field: str | None = None,
     return obj[key]
 
 
+def record_id(obj: Any, key: str, where: Where, *, holds: str = "") -> str | int:
+    """``obj[key]`` as a record id: a non-empty string or an integer, else an InputError."""
+    value = require(obj, key, where, holds=holds)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise where.error(key, f"must be a non-empty string or an integer, got {_preview(value)}",
+                          "give each record a unique id")
+    return value
+
+
 def numbers(value: Any, size: int, where: Where, field: str, *, unit: str = "") -> np.ndarray:
     """``value`` as a flat float64 array of exactly ``size`` finite numbers."""
     unit_txt = f" ({unit})" if unit else ""
