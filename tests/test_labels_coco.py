@@ -146,6 +146,10 @@ def test_bad_wholebody_records(tmp_path):
     with pytest.raises(InputError, match="'image_id' must be a non-empty string or an integer") as err:
         read_labels(mano)
     assert str(wholebody(mano)) in err.value.message
+    edit_json(wholebody(mano), lambda d: d.update(images=None))
+    with pytest.raises(InputError, match="'images' must be a list, got NoneType") as err:
+        read_labels(mano)
+    assert str(wholebody(mano)) in err.value.message
     wholebody(mano).write_text("{\"images\": [")
     with pytest.raises(InputError, match="not valid JSON"):
         read_labels(mano)

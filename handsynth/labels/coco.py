@@ -27,7 +27,8 @@ from handsynth.keys import frame_key
 from handsynth.labels.base import LabelSet, Skips, find_file_ci, image_roots, locate_image
 from handsynth.labels.detect import classify
 from handsynth.labels.schema import SIDES, Camera, Frame, Hand
-from handsynth.labels.validate import Where, image_size, make_camera, make_hand, numbers, record_id, require
+from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, record_id,
+                                       require, require_list)
 
 FORMAT = "coco-neuralannot"
 MANO_NAME = re.compile(r"^mscoco_(?P<split>.+)_mano_neuralannot\.json$", re.IGNORECASE)
@@ -86,9 +87,9 @@ def _frames(mano_path: Path, fits: Any, wb_path: Path, wholebody: Any,
                          fix="check that --labels names an MSCOCO_*_MANO_NeuralAnnot.json file")
     top = Where(wb_path, "top level")
     anns = {str(record_id(a, "id", Where(wb_path, f"annotations[{i}]"))): a
-            for i, a in enumerate(require(wholebody, "annotations", top))}
+            for i, a in enumerate(require_list(wholebody, "annotations", top))}
     images = {record_id(m, "id", Where(wb_path, f"images[{i}]")): m
-              for i, m in enumerate(require(wholebody, "images", top))}
+              for i, m in enumerate(require_list(wholebody, "images", top))}
     split = (MANO_NAME.match(mano_path.name) or WHOLEBODY_NAME.match(wb_path.name))
     split_name = split["split"] if split else None
     roots = image_roots(mano_path.parent, [f"{split_name}2017", split_name] if split_name else [])

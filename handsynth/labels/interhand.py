@@ -26,7 +26,7 @@ from handsynth.labels.base import LabelSet, Skips, find_file_ci, image_roots, lo
 from handsynth.labels.detect import classify
 from handsynth.labels.schema import SIDES, Camera, Frame
 from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, record_id,
-                                       require, rotation)
+                                       require, require_list, rotation)
 
 FORMAT = "interhand26m"
 
@@ -109,12 +109,8 @@ def _frames(files: dict[str, Path], docs: dict[str, Any], limit: int | None) -> 
     data, cameras, manos = docs["data"], docs["camera"], docs["mano"]
     joints = docs.get("joint_3d")
     top = Where(data_path, "top level")
-    images = require(data, "images", top, holds="the image records")
-    annotations = require(data, "annotations", top, holds="the hand annotations")
-    for name, value in (("images", images), ("annotations", annotations)):
-        if not isinstance(value, list):
-            raise top.error(name, f"must be a list, got {type(value).__name__}",
-                            "check that the file is an InterHand2.6M _data.json")
+    images = require_list(data, "images", top, holds="the image records")
+    annotations = require_list(data, "annotations", top, holds="the hand annotations")
     for name, value, p in (("camera", cameras, cam_path), ("MANO", manos, mano_path),
                            ("joint_3d", joints, files.get("joint_3d"))):
         if value is not None and not isinstance(value, Mapping):

@@ -32,7 +32,7 @@ from handsynth.keys import frame_key
 from handsynth.labels.base import LabelSet, Skips
 from handsynth.labels.schema import Camera, Frame
 from handsynth.labels.validate import (Where, image_size, make_camera, make_hand, numbers, record_id,
-                                       require)
+                                       require, require_list)
 
 FORMAT = "handsynth-jsonl"
 
@@ -81,10 +81,7 @@ def _frame(path: Path, number: int, line: str, skips: Skips) -> Frame | None:
     size = image_size(require(rec, "width", where), require(rec, "height", where), where)
     camera = _camera(rec, where)
 
-    hands_raw = require(rec, "hands", where, holds="a list of hands")
-    if not isinstance(hands_raw, list):
-        raise where.error("hands", f"must be a list, got {type(hands_raw).__name__}",
-                          "write hands as a JSON list of objects")
+    hands_raw = require_list(rec, "hands", where, holds="a list of hands")
     hands = []
     for i, h in enumerate(hands_raw):
         side = require(h, "side", where, field=f"hands[{i}].side")

@@ -54,6 +54,15 @@ def require(obj: Any, key: str, where: Where, *, field: str | None = None,
     return obj[key]
 
 
+def require_list(obj: Any, key: str, where: Where, *, holds: str = "") -> list:
+    """``obj[key]``, which must be a JSON list, else an InputError naming the file, record and key."""
+    value = require(obj, key, where, holds=holds)
+    if not isinstance(value, list):
+        raise where.error(key, f"must be a list, got {type(value).__name__}",
+                          f"write '{key}' as a JSON list, or check that the file is the one you meant")
+    return value
+
+
 def record_id(obj: Any, key: str, where: Where, *, holds: str = "") -> str | int:
     """``obj[key]`` as a record id: a non-empty string or an integer, else an InputError."""
     value = require(obj, key, where, holds=holds)
