@@ -115,28 +115,26 @@ def resolve_mano_dir(mano_dir: Path | None) -> Path:
 # Reading the files without chumpy and without running code
 
 
-class _ChumpyState:
-    """Stands in for any ``chumpy.*`` class; keeps the pickled ``__dict__`` (the array is ``'x'``)."""
+class _PickledState:
+    """Stands in for a class the file names: ignores constructor arguments, keeps the pickled state."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_PickledState":
+        return object.__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _ChumpyState(_PickledState):
+    """Stands in for any ``chumpy.*`` class; ``state`` is its ``__dict__`` (the array is ``'x'``)."""
 
     chumpy_class = "chumpy"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_ChumpyState":
-        return object.__new__(cls)
 
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _SparseState:
-    """Stands in for a scipy sparse matrix class; keeps its pickled ``__dict__``."""
+class _SparseState(_PickledState):
+    """Stands in for a scipy sparse matrix class; ``state`` is its ``__dict__``."""
 
     sparse_format = "csc"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_SparseState":
-        return object.__new__(cls)
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
 
 
 _STANDINS: dict[tuple[str, str], type] = {}
@@ -160,7 +158,7 @@ def _sparse_standin(fmt: str) -> type:
 
 def _reconstructor(cls: type, base: type, state: Any) -> Any:
     """copy_reg._reconstructor for our stand-in classes only (protocol 0/1 pickles of new-style objects)."""
-    if not (isinstance(cls, type) and issubclass(cls, (_ChumpyState, _SparseState)) and base is object):
+    if not (isinstance(cls, type) and issubclass(cls, _PickledState) and base is object):
         raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
     return cls.__new__(cls)
 
@@ -231,7 +229,8 @@ def _to_array(value: Any, path: Path, key: str) -> np.ndarray:
     try:
         array = np.asarray(value)
     except Exception as exc:
-        raise InputError(f"key '{key}' is not an array ({exc})", where=path) from exc
+        raise InputError(f"key '{key}' is not an array ({exc})", where=path,
+                         fix=f"re-download the file from {MANO_URL}") from exc
     if array.dtype.kind not in "biuf":
         raise InputError(f"key '{key}' holds {array.dtype} values, not numbers", where=path,
                          fix=f"re-download the file from {MANO_URL}")
