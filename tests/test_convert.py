@@ -308,8 +308,9 @@ def test_checkpoint_without_guidance_module(tmp_path):
 
     ckpt = tmp_path / "sd15_ini.ckpt"
     torch.save({"state_dict": {"model.diffusion_model.out.0.weight": torch.ones(4)}}, ckpt)
-    with pytest.raises(InputError, match="no VAS"):
+    with pytest.raises(InputError, match="no VAS") as info:
         convert_checkpoint(ckpt, tmp_path / "out")
+    assert f"{ckpt}, field state_dict" in info.value.message
 
 
 # --- safe loading -----------------------------------------------------------------------------------
@@ -420,6 +421,13 @@ def test_cli_bad_inputs(guidance_ckpt, tmp_path, capsys):
     corrupt.write_bytes(b"PK\x03\x04 not really a checkpoint")
     assert main(["convert", "--ckpt", str(corrupt), "--out", str(tmp_path / "a")]) == InputError.exit_code
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.ckpt"  # a legacy (non-zip) pickle stream of random bytes
+    garbage.write_bytes(b"hello\n" * 3)
+    assert main(["convert", "--ckpt", str(garbage), "--out", str(tmp_path / "a")]) == InputError.exit_code
+    err = capsys.readouterr().err
+    assert "not a readable PyTorch checkpoint" in err and "garbage.ckpt" in err and "Traceback" not in err
+    assert main(["convert", "--ckpt", str(tmp_path), "--out", str(tmp_path / "a")]) == 3
+    assert "is a folder, not a file" in capsys.readouterr().err
 
     missing_base = tmp_path / "no-such-model"
     code = main(["convert", "--ckpt", str(guidance_ckpt), "--out", str(tmp_path / "b"), "--full",

@@ -89,7 +89,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise MissingResourceError("the checkpoint file does not exist", where=path,
+        raise MissingResourceError("the checkpoint is a folder, not a file" if path.is_dir() else
+                                   "the checkpoint file does not exist", where=path,
                                    fix="download attentionhand.ckpt (see the AttentionHand README) and pass its path "
                                        "with --ckpt")
     obj = _load_safetensors(path) if path.suffix == ".safetensors" else _load_torch(path)
@@ -126,8 +127,8 @@ def _load_torch(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError:
         pass
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InputError(f"the file is not a readable PyTorch checkpoint: {exc}", where=path,
+    except Exception as exc:  # any other failure on arbitrary bytes (KeyError, EOFError, RuntimeError, ...)
+        raise InputError(f"the file is not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}", where=path,
                          fix="download the file again (a truncated download is a common cause)") from None
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -144,8 +145,8 @@ def _load_torch(path: Path) -> Any:
     with torch.serialization.safe_globals([(_Inert, name) for name in unsafe]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise InputError(f"the checkpoint cannot be read safely: {exc}", where=path,
+        except Exception as exc:
+            raise InputError(f"the checkpoint cannot be read safely: {type(exc).__name__}: {exc}", where=path,
                              fix="re-save the weights alone as .safetensors on a trusted machine and pass "
                                  "that") from None
 
@@ -336,15 +337,18 @@ def _controlnet_defaults(base: Path | None) -> tuple[dict[str, Any], str]:
 
 
 def convert_guidance(state: dict[str, Any], origins: dict[int, str], base: Path | None,
-                     allow_missing: bool) -> tuple[PartResult, str]:
-    """``VAS.*`` -> a diffusers ControlNetModel, via diffusers' converter for original ControlNet files."""
+                     allow_missing: bool, source: str | Path = "checkpoint") -> tuple[PartResult, str]:
+    """``VAS.*`` -> a diffusers ControlNetModel, via diffusers' converter for original ControlNet files.
+
+    ``source`` names the checkpoint file in error messages."""
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import LDM_CONTROLNET_KEY, convert_controlnet_checkpoint
 
     ldm = {LDM_CONTROLNET_KEY + k[len(GUIDANCE_PREFIX):]: v for k, v in state.items()
            if k.startswith(GUIDANCE_PREFIX)}
     if not ldm:
-        raise InputError("the checkpoint holds no guidance module (no VAS.* keys)", where="state_dict",
+        raise InputError("the checkpoint holds no guidance module (no VAS.* keys)",
+                         where=f"{source}, field state_dict",
                          fix="pass the AttentionHand checkpoint attentionhand.ckpt (sd15_ini.ckpt is the untrained "
                              "starting point and holds no trained guidance module)")
     lpb = _ldm_layers_per_block({k[len(LDM_CONTROLNET_KEY):]: v for k, v in ldm.items()}, GUIDANCE_PREFIX + "*")
@@ -362,8 +366,10 @@ def convert_guidance(state: dict[str, Any], origins: dict[int, str], base: Path 
 
 
 def convert_sd_parts(state: dict[str, Any], origins: dict[int, str], base: Path,
-                     allow_missing: bool) -> list[PartResult]:
-    """The SD1.5 UNet, VAE and text encoder, with diffusers' ldm converters and the base model's configs."""
+                     allow_missing: bool, source: str | Path = "checkpoint") -> list[PartResult]:
+    """The SD1.5 UNet, VAE and text encoder, with diffusers' ldm converters and the base model's configs.
+
+    ``source`` names the checkpoint file in error messages."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -385,7 +391,8 @@ def convert_sd_parts(state: dict[str, Any], origins: dict[int, str], base: Path,
         subset = {k: v for k, v in state.items() if k.startswith(SD_PREFIXES[name])}
         if not subset:
             raise InputError(f"the checkpoint holds no {name} weights (no {SD_PREFIXES[name]}* keys)",
-                             where="state_dict", fix="convert without --full (the guidance module alone)")
+                             where=f"{source}, field state_dict",
+                             fix="convert without --full (the guidance module alone)")
         parts.append(_convert_part(name, convert(subset), origins, build, allow_missing))
     return parts
 
@@ -508,8 +515,8 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
     tensors = {k: v for k, v in state.items() if hasattr(v, "shape")}
     base_dir = resolve_base(base) if base is not None else None
     origins = _origin_map(tensors)
-    guidance, config_from = convert_guidance(tensors, origins, base_dir, allow_missing)
-    parts = [guidance] + (convert_sd_parts(tensors, origins, base_dir, allow_missing) if full else [])
+    guidance, config_from = convert_guidance(tensors, origins, base_dir, allow_missing, ckpt)
+    parts = [guidance] + (convert_sd_parts(tensors, origins, base_dir, allow_missing, ckpt) if full else [])
     summary, ignored, unused = account(state, parts, full)
     report = ConversionReport(str(ckpt), sha256_file(ckpt), full, config_from, top_level, len(state),
                               summary, ignored, unused)
