@@ -61,12 +61,12 @@ def test_defaults_and_resolution(tmp_path, monkeypatch):
 
 
 def test_tas_section_mirrors_tasconfig():
-    tas = pytest.importorskip("handsynth.attentionhand.tas")
     import dataclasses
 
+    from handsynth.attentionhand.tas import TASConfig
     from handsynth.prompts.recipe import TASSettings
 
-    fields = {f.name: f.default for f in dataclasses.fields(tas.TASConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(TASConfig)}
     assert fields == TASSettings().model_dump()
 
 
@@ -125,6 +125,14 @@ BAD = {
         ["prompts.slots.person.values[0].weight", "greater than 0"],
     ),
     "no_prompts": ("seed: 1\n", ["no 'prompts' section"]),
+    "even_kernel": (
+        MINIMAL + "tas:\n  kernel_size: 4\n",
+        ["tas.kernel_size", "line 11", "odd size", "got 4"],
+    ),
+    "attention_res_not_dividing": (
+        MINIMAL + "image:\n  size: 576\n",  # latent 72: no layer at 16x16
+        ["tas.attention_res 16 does not divide the latent size 72", "set tas.attention_res to 18"],
+    ),
     "both_inputs": (
         MINIMAL + "inputs: {run: ., modalities: r.yaml}\n",
         ["exactly one of 'run' or 'modalities'", "field inputs, line 10"],

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from handsynth.doctor import DEFAULT_BASE_MODEL
 from handsynth.errors import InputError
@@ -30,6 +30,7 @@ from handsynth.keys import sanitize
 from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names
 
 EXAMPLE = "recipes/outdoor.yaml"
+SD_LATENT_FACTOR = 8  # image pixels per latent pixel of Stable Diffusion 1.5's VAE
 
 
 class _Strict(BaseModel):
@@ -84,6 +85,13 @@ class TASSettings(_Strict):
     softmax_scale: float = Field(100.0, gt=0.0)
     kernel_size: int = Field(3, ge=1)
     sigma: float = Field(0.5, gt=0.0)
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("the Gaussian kernel needs a centre pixel: use an odd size such as 3")
+        return value
 
 
 class ImageConfig(_Strict):
@@ -320,6 +328,20 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                         f"{', '.join(sorted(prompts.slots)) or 'none'})")
 
 
+def _check_tas(path: Path, root: yaml.Node | None, recipe: Recipe) -> None:
+    """TAS records cross-attention at ``attention_res`` rows: it must divide the latent size (image / 8)."""
+    tas, latent = recipe.tas, recipe.image.size // SD_LATENT_FACTOR
+    if not tas.enabled or tas.max_steps == 0 or latent % tas.attention_res == 0:
+        return
+    usable = [latent // f for f in (4, 2, 8) if latent % f == 0]
+    raise InputError(
+        f"tas.attention_res {tas.attention_res} does not divide the latent size {latent} (image.size "
+        f"{recipe.image.size} / {SD_LATENT_FACTOR}), so no cross-attention layer has that resolution",
+        where=_where(path, root, ("tas", "attention_res")),
+        fix=(f"set tas.attention_res to {usable[0]} (a quarter of the latent size, SD1.5's 16 at 512) or "
+             if usable else "") + "choose an image.size that is a multiple of 128")
+
+
 def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     """Resolve relative paths against the recipe folder and check that inputs exist."""
     folder = path.parent.resolve()
@@ -382,6 +404,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise _error_from_pydantic(path, root, errors[0], len(errors)) from None
     if recipe.prompts is not None:
         _check_prompts(path, root, recipe.prompts)
+    _check_tas(path, root, recipe)
     defaults = _defaults_used(recipe)
     _resolve(recipe, root, path)
     if "output" in defaults:
