@@ -278,6 +278,21 @@ def test_bad_inputs_fail_cleanly_and_keep_the_earlier_run(edge_cases, tmp_path, 
     assert not (tmp_path / "fresh").exists()
 
 
+def test_unreadable_or_oversized_source_images_only_drop_the_rgb_crop(tmp_path, mano_dir, monkeypatch, capsys):
+    import PIL.Image
+
+    Image.new("RGB", (320, 240), (90, 60, 30)).save(tmp_path / "photo.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    labels = write_jsonl(tmp_path / "photos.jsonl", [jsonl_record("big", image="photo.png"),
+                                                      jsonl_record("broken", image="broken.png")])
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)      # 320x240 now counts as a decompression bomb
+    summary = render_run(labels, tmp_path / "run", mano_dir=mano_dir)
+    assert summary.rendered == 2 and not (tmp_path / "run" / "rgb_local").exists()
+    err = capsys.readouterr().err
+    assert f"cannot read image {tmp_path / 'photo.png'}; no rgb_local crop" in err
+    assert f"cannot read image {tmp_path / 'broken.png'}; no rgb_local crop" in err
+
+
 def test_temporary_looking_files_of_a_folder_that_is_no_run_are_kept(edge_cases, tmp_path, mano_dir):
     out = tmp_path / "mine"
     out.mkdir()

@@ -217,12 +217,13 @@ def load_rgb(frame: Frame):
     try:
         with Image.open(frame.image_path) as img:
             rgb = img.convert("RGB")
-    except (OSError, UnidentifiedImageError):
-        console.print(f"[yellow]warning:[/yellow] cannot read image {frame.image_path}; no rgb_local crop")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+        console.print(f"[yellow]warning:[/yellow] cannot read image {frame.image_path}; no rgb_local crop",
+                      soft_wrap=True)
         return None
     if rgb.size != tuple(frame.image_size):
         console.print(f"[yellow]warning:[/yellow] {frame.image_path} is {rgb.size[0]}x{rgb.size[1]}, labels say "
-                      f"{frame.image_size[0]}x{frame.image_size[1]}; no rgb_local crop")
+                      f"{frame.image_size[0]}x{frame.image_size[1]}; no rgb_local crop", soft_wrap=True)
         return None
     return rgb
 
