@@ -18,7 +18,8 @@ from ``generator[i]`` drawn right after the global latent (the global image is t
 without the local branch).
 
 Precision: pass components already cast (``torch_dtype`` at loading); latents and text embeddings take
-the UNet's dtype. TAS gradients are computed in that dtype, attention probabilities in float32.
+the UNet's dtype. TAS gradients are computed in that dtype (float16 with loss scaling, see
+``tas.FP16_LOSS_SCALE``) and applied in float32; attention probabilities are float32.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ Pieces, each usable alone:
   start-token column (and the last, always end/padding, column), keep CLIP positions 1..75, multiply
   by ``softmax_scale``, softmax over the tokens, then a fixed Gaussian filter per requested token.
 - :func:`tas_loss`: per sample, L = max over its hand tokens of (1 - max over pixels of the refined map).
-- :func:`step_sizes` and :func:`tas_update`: the gradient step X_t <- X_t - alpha * dL/dX_t, batched with
-  per-sample token lists, through the same UNet (and guidance module) that generates.
+- :func:`step_sizes`, :func:`tas_gradient` and :func:`tas_update`: the gradient step
+  X_t <- X_t - alpha * dL/dX_t, batched with per-sample token lists, through the same UNet (and guidance
+  module) that generates; float16 gradients are loss-scaled so that they do not underflow.
 
 Conventions: hand-token indices are CLIP token positions (0 = start token, words from 1), one list per
 sample; the refined map of position ``p`` is column ``p - 1`` of :func:`token_probabilities`' output.
@@ -284,6 +285,35 @@ def step_sizes(config: TASConfig, num_updates: int) -> list[float]:
     return [math.sqrt(a2 + (b2 - a2) * j / (num_updates - 1)) for j in range(num_updates)]
 
 
+# float16 keeps only 5 exponent bits: per-element latent gradients of L_TAS (about 1e-6 on average) fall
+# below its smallest normal value (6e-5) and partly flush to zero. As in mixed-precision training, the
+# loss is multiplied by this factor for the backward pass and the gradient divided by it in float32.
+# bfloat16 and float32 have float32's exponent range and need no scaling.
+FP16_LOSS_SCALE = 2.0**10
+
+
+def tas_gradient(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]], object],
+                 store: AttentionStore, token_indices: Sequence[Sequence[int]], rows: list[int],
+                 config: TASConfig = TASConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample L_TAS of batch ``rows`` and its float32 gradient with respect to those latents.
+
+    Returns ``(losses (R,), grad (R, C, h, w))``. Autograd is asked for the latents' gradient only, so
+    model parameters never receive gradients. With float16 latents the loss is scaled by
+    :data:`FP16_LOSS_SCALE` for the backward pass; a row whose gradient is then not finite (overflow)
+    gets a zero gradient, i.e. no update, as a mixed-precision optimiser skips such a step.
+    """
+    scale = FP16_LOSS_SCALE if latents.dtype == torch.float16 else 1.0
+    with torch.enable_grad():
+        x = latents[rows].detach().requires_grad_(True)
+        with store.recording(tuple(latents.shape[-2:])):
+            forward(x, rows)
+        losses = tas_loss(refine(store.maps(), [token_indices[i] for i in rows], config))
+        (grad,) = torch.autograd.grad(losses.sum() * scale, x)
+    grad = grad.float() / scale
+    finite = torch.isfinite(grad).flatten(1).all(dim=1).view(-1, *([1] * (grad.dim() - 1)))
+    return losses.detach(), torch.where(finite, grad, torch.zeros_like(grad))
+
+
 def tas_update(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]], object], store: AttentionStore,
                token_indices: Sequence[Sequence[int]], step_size: float, config: TASConfig = TASConfig(),
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,25 +322,18 @@ def tas_update(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]
     ``forward(x, rows)`` must run the denoiser (guidance module + UNet, conditional text embeddings only)
     on ``x`` = the latents of batch ``rows``, with ``store``'s processors installed; its output is unused.
     Only samples with hand tokens enter the forward; the per-sample losses are summed, so each sample's
-    gradient is its own. Samples with no tokens or zero loss keep their latents bit for bit. Model
-    parameters receive no gradients (autograd is asked for the latents' gradient only). The gradient is
-    computed in the denoiser's dtype; the update is applied in float32 and cast back to the latents' dtype.
+    gradient is its own. Samples with no tokens or zero loss keep their latents bit for bit. The
+    gradient comes from :func:`tas_gradient` (float32, loss-scaled for float16 latents); the update is
+    applied in float32 and cast back to the latents' dtype.
     """
     check_token_indices(token_indices, latents.shape[0])
     losses = latents.new_zeros(latents.shape[0], dtype=torch.float32)
     rows = [i for i, tokens in enumerate(token_indices) if tokens]
     if not rows:
         return latents, losses
-    with torch.enable_grad():
-        x = latents[rows].detach().requires_grad_(True)
-        with store.recording(tuple(latents.shape[-2:])):
-            forward(x, rows)
-        row_losses = tas_loss(refine(store.maps(), [token_indices[i] for i in rows], config))
-        (grad,) = torch.autograd.grad(row_losses.sum(), x)
-    row_losses = row_losses.detach()
-    move = (row_losses > 0).to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
-    updated = (x.detach().float() - step_size * move * grad.float()).to(latents.dtype)
+    row_losses, grad = tas_gradient(latents, forward, store, token_indices, rows, config)
+    move = (row_losses > 0).to(torch.float32).view(-1, *([1] * (grad.dim() - 1)))
     new = latents.clone()
-    new[rows] = updated
+    new[rows] = (latents[rows].float() - step_size * move * grad).to(latents.dtype)
     losses[rows] = row_losses
     return new, losses
