@@ -1,9 +1,8 @@
 """AttentionHandPipeline on tiny random components: equivalence with SD, per-sample determinism, branches,
 TAS at inference, save/load round trips, loading errors and the benchmark script's tiny mode."""
 
+import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,14 +168,17 @@ def test_missing_hub_id_names_the_download_command():
         load_pipeline("someone/not-cached-sd15")
 
 
-def test_benchmark_tiny_mode_prints_parsable_figures():
+def test_benchmark_tiny_mode_prints_parsable_figures(capsys):
+    # in-process (the script's main(argv)): a subprocess would spend most of its time importing torch
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
-    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--batch-sizes", "1", "2"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    spec = importlib.util.spec_from_file_location("handsynth_benchmark_generate", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--device", "cpu", "--tiny", "--batch-sizes", "1", "2"]) == 0
+    stdout = capsys.readouterr().out
     rows = re.findall(r"^batch=(\d+) tas_off_images_per_s=([\d.]+) tas_on_images_per_s=([\d.]+) "
-                      r"tas_time_share=(-?[\d.]+)$", out.stdout, re.M)
-    assert [int(r[0]) for r in rows] == [1, 2], out.stdout
+                      r"tas_time_share=(-?[\d.]+)$", stdout, re.M)
+    assert [int(r[0]) for r in rows] == [1, 2], stdout
     for _, off, on, share in rows:
         off, on, share = float(off), float(on), float(share)
         assert off > 0 and on > 0 and share < 1  # (a busy CPU may even show TAS-on faster)
