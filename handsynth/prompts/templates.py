@@ -138,8 +138,8 @@ def tidy(fragments: Iterable[Fragment]) -> tuple[str, list[tuple[int, int]]]:
 
     Collapses whitespace, removes spaces before punctuation, repeated commas and commas before a
     full stop (left by empty slot values), puts a space after every comma, makes "a"/"an" agree
-    with the next word, strips stray separators at the ends and capitalises the first letter. Hand spans are whole words (``WORD``) inside hand text, so
-    punctuation and "'s" never count as hand words.
+    with the next word, strips stray separators at the ends and capitalises the first letter. Hand
+    spans are whole words (``WORD``) inside hand text, so punctuation and "'s" never count as hand words.
     """
     fragments = list(fragments)
     text = "".join(piece for piece, _ in fragments)
