@@ -55,6 +55,11 @@ def build_clip_tokenizer(bpe_gz: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def looks_like_path(model: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else (absolute, ./, ~, deeper paths) is a folder."""
+    return Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model
+
+
 def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
     """Load the CLIP tokenizer of a Stable Diffusion model id or folder (or a tokenizer folder itself).
 
@@ -68,9 +73,14 @@ def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
     path = Path(model).expanduser()
     if path.is_dir() and (path / "vocab.json").exists():
         subfolder = None
+    offline = ("offline, build the tokenizer from open_clip's BPE file with "
+               "`python -m handsynth.tokenizer bpe_simple_vocab_16e6.txt.gz OUT_DIR` and pass OUT_DIR")
     fix = ("pass a local Stable Diffusion folder (diffusers layout) or download the model once with "
-           f"`huggingface-cli download {model}`; offline, build the tokenizer from open_clip's BPE file with "
-           "`python -m handsynth.tokenizer bpe_simple_vocab_16e6.txt.gz OUT_DIR` and pass OUT_DIR")
+           f"`huggingface-cli download {model}`; " + offline)
+    if not path.exists() and looks_like_path(str(model)):
+        raise MissingResourceError(f"the tokenizer folder '{model}' does not exist", where=model,
+                                   fix="check the path (a folder with vocab.json and merges.txt, or a Stable "
+                                       "Diffusion folder with tokenizer/); " + offline)
     kwargs = {"subfolder": subfolder} if subfolder else {}
     if os.environ.get("HF_HUB_OFFLINE") == "1" or path.exists():
         kwargs["local_files_only"] = True

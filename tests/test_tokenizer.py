@@ -25,8 +25,10 @@ def test_missing_or_wrong_tokenizer_is_a_clear_error(tmp_path):
     from handsynth.errors import MissingResourceError
     from handsynth.tokenizer import load_clip_tokenizer
 
-    with pytest.raises(MissingResourceError, match="bpe_simple_vocab_16e6"):
+    with pytest.raises(MissingResourceError, match="bpe_simple_vocab_16e6") as err:
         load_clip_tokenizer(tmp_path / "nothing-here")
+    assert f"folder '{tmp_path / 'nothing-here'}' does not exist" in err.value.message
+    assert "huggingface-cli" not in err.value.message  # a path is not a model id to download
     (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(MissingResourceError, match=r"4 tokens instead of 49408"):

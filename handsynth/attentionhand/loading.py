@@ -14,6 +14,7 @@ import torch
 from handsynth.console import console
 from handsynth.doctor import DEFAULT_BASE_MODEL
 from handsynth.errors import MissingResourceError
+from handsynth.tokenizer import load_clip_tokenizer, looks_like_path
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULERS = {
@@ -53,11 +54,6 @@ def _safe_kwargs() -> dict:
     return {"use_safetensors": True, "low_cpu_mem_usage": is_accelerate_available()}
 
 
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else (absolute, ./, ~, deeper paths) is a folder."""
-    return Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model
-
-
 def _missing(kind: str, model: str, exc: Exception) -> MissingResourceError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     local = Path(model).expanduser()
@@ -69,7 +65,7 @@ def _missing(kind: str, model: str, exc: Exception) -> MissingResourceError:
         what = f"cannot load the {kind} from the folder '{model}': {reason}"
         fix = "point to a folder in diffusers layout (model_index.json or config.json + .safetensors): " + \
             offline.format(id="<model id>")
-    elif _looks_like_path(model):
+    elif looks_like_path(model):
         what = f"the {kind} folder '{model}' does not exist"
         fix = "check the path, or " + offline.format(id="<model id>")
     else:
@@ -109,7 +105,6 @@ def load_pipeline(base: str | Path = DEFAULT_BASE_MODEL, guidance: str | Path | 
 
     from handsynth.attentionhand.guidance import build_guidance_module, freeze
     from handsynth.attentionhand.pipeline import AttentionHandPipeline
-    from handsynth.tokenizer import load_clip_tokenizer
 
     dtype = resolve_dtype(dtype)
     _check_scheduler(scheduler)

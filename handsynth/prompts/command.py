@@ -23,7 +23,7 @@ def _tokenizer(source: str, from_recipe: bool):
             fix=("pass --tokenizer with a local CLIP tokenizer folder or Stable Diffusion folder (a folder holding "
                  "vocab.json and merges.txt, or model/tokenizer/), or --no-tokens to skip token positions"
                  + ("" if not from_recipe else "; the default is the tokenizer of the recipe's model.base")
-                 + (f". {exc.fix}" if exc.fix else "")),
+                 + (f". Or {exc.fix}" if exc.fix else "")),
         ) from None
 
 
