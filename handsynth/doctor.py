@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from handsynth.console import stdout
+from handsynth.hub import local_files_only, looks_like_path
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -76,8 +76,7 @@ def check_gpu() -> Check:
 
 def check_model(model: str) -> Check:
     path = Path(model).expanduser()
-    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
-    if looks_like_path and not path.exists():
+    if looks_like_path(model) and not path.exists():
         return Check(f"model {model}", False, "no such folder",
                      "pass the folder a diffusers save_pretrained wrote, or a hub id such as "
                      f"{DEFAULT_BASE_MODEL}")
@@ -92,8 +91,9 @@ def check_model(model: str) -> Check:
         return Check(f"model {model}", True, f"in the Hugging Face cache ({where})")
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return Check(f"model {model}", False, "not in the local Hugging Face cache and HF_HUB_OFFLINE=1",
+    if local_files_only(model):
+        return Check(f"model {model}", False, "not in the local Hugging Face cache, and the hub cannot be reached "
+                     "(no network, or HF_HUB_OFFLINE=1)",
                      f"on a machine with internet run `huggingface-cli download {model}` and copy the cache "
                      "(~/.cache/huggingface) here, or pass a local folder")
     return Check(f"model {model}", False, "not cached locally (it would be downloaded on first use)",

@@ -55,20 +55,15 @@ def build_clip_tokenizer(bpe_gz: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def looks_like_path(model: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else (absolute, ./, ~, deeper paths) is a folder."""
-    return Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1 or "\\" in model
-
-
 def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
     """Load the CLIP tokenizer of a Stable Diffusion model id or folder (or a tokenizer folder itself).
 
     Raises MissingResourceError when it cannot be found, or when what loads is not CLIP's
     49,408-token vocabulary (transformers can return a near-empty tokenizer instead of failing).
     """
-    import os
-
     from transformers import CLIPTokenizer
+
+    from handsynth.hub import local_files_only, looks_like_path
 
     path = Path(model).expanduser()
     if path.is_dir() and (path / "vocab.json").exists():
@@ -82,19 +77,23 @@ def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
                                    fix="check the path (a folder with vocab.json and merges.txt, or a Stable "
                                        "Diffusion folder with tokenizer/); " + offline)
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or path.exists():
-        kwargs["local_files_only"] = True
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(model), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise MissingResourceError(f"cannot load the CLIP tokenizer of '{model}': {str(exc).splitlines()[0]}",
-                                   where=model, fix=fix) from None
-    if len(tokenizer) != CLIP_VOCAB_SIZE:
-        raise MissingResourceError(
-            f"'{model}' did not give CLIP's tokenizer ({len(tokenizer)} tokens instead of {CLIP_VOCAB_SIZE})",
-            where=model, fix=fix)
-    tokenizer.model_max_length = CLIP_MAX_LENGTH
-    return tokenizer
+    # the local folder or Hugging Face cache first: no network round trips (or minutes of retries offline)
+    attempts = [True] if local_files_only(model) else [True, False]
+    for local_only in attempts:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(model), local_files_only=local_only, **kwargs)
+        except (OSError, ValueError) as exc:
+            problem = f"cannot load the CLIP tokenizer of '{model}': {str(exc).splitlines()[0]}"
+            continue
+        if len(tokenizer) == CLIP_VOCAB_SIZE:
+            tokenizer.model_max_length = CLIP_MAX_LENGTH
+            return tokenizer
+        # transformers can return a near-empty tokenizer instead of failing
+        problem = f"'{model}' did not give CLIP's tokenizer ({len(tokenizer)} tokens instead of {CLIP_VOCAB_SIZE})"
+    if attempts == [True] and not path.exists():
+        problem = (f"the tokenizer of '{model}' is not in the Hugging Face cache and the hub cannot be reached "
+                   "(no network, or HF_HUB_OFFLINE=1)")
+    raise MissingResourceError(problem, where=model, fix=fix)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,10 @@ def resolve_base(base: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(base, allow_patterns=["*.json", "*.txt"]))
+            from handsynth.hub import local_files_only
+
+            folder = Path(snapshot_download(base, allow_patterns=["*.json", "*.txt"],
+                                            local_files_only=local_files_only(base)))
         except Exception as exc:
             raise MissingResourceError(
                 f"the base model {base!r} is neither a local folder nor available from the Hugging Face cache "

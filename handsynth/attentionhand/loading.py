@@ -14,7 +14,8 @@ import torch
 from handsynth.console import console
 from handsynth.doctor import DEFAULT_BASE_MODEL
 from handsynth.errors import MissingResourceError
-from handsynth.tokenizer import load_clip_tokenizer, looks_like_path
+from handsynth.hub import local_files_only, looks_like_path
+from handsynth.tokenizer import load_clip_tokenizer
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEDULERS = {
@@ -47,11 +48,13 @@ def make_scheduler(name: str, config):
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
-def _safe_kwargs() -> dict:
-    """diffusers loading options: safetensors only; low-memory loading when accelerate is installed."""
+def _safe_kwargs(model: str | Path) -> dict:
+    """diffusers loading options: safetensors only; disk only when the hub can't be asked; low-memory
+    loading when accelerate is installed."""
     from diffusers.utils import is_accelerate_available
 
-    return {"use_safetensors": True, "low_cpu_mem_usage": is_accelerate_available()}
+    return {"use_safetensors": True, "low_cpu_mem_usage": is_accelerate_available(),
+            "local_files_only": local_files_only(model)}
 
 
 def _missing(kind: str, model: str, exc: Exception) -> MissingResourceError:
@@ -83,7 +86,7 @@ def load_guidance_module(guidance: str | Path, *, dtype: torch.dtype = torch.flo
     subfolder = "controlnet" if (path / "controlnet" / "config.json").exists() else None
     try:
         return ControlNetModel.from_pretrained(str(guidance), subfolder=subfolder, torch_dtype=dtype,
-                                               **_safe_kwargs())
+                                               **_safe_kwargs(guidance))
     except (OSError, ValueError) as exc:
         raise _missing("guidance module", str(guidance), exc) from None
 
@@ -111,11 +114,13 @@ def load_pipeline(base: str | Path = DEFAULT_BASE_MODEL, guidance: str | Path | 
     controlnet = None if guidance is None else load_guidance_module(guidance, dtype=dtype)
     base = str(base)
     try:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **_safe_kwargs())
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **_safe_kwargs())
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, **_safe_kwargs(base))
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype, **_safe_kwargs(base))
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", dtype=dtype,
-                                                     use_safetensors=True)
-        scheduler_config = DDIMScheduler.load_config(base, subfolder="scheduler")
+                                                     use_safetensors=True,
+                                                     local_files_only=local_files_only(base))
+        scheduler_config = DDIMScheduler.load_config(base, subfolder="scheduler",
+                                                     local_files_only=local_files_only(base))
     except (OSError, ValueError) as exc:
         raise _missing("base model", base, exc) from None
     tokenizer = load_clip_tokenizer(base)
