@@ -30,7 +30,6 @@ from handsynth.keys import sanitize
 from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names
 
 EXAMPLE = "recipes/outdoor.yaml"
-SD_LATENT_FACTOR = 8  # image pixels per latent pixel of Stable Diffusion 1.5's VAE
 
 
 class _Strict(BaseModel):
@@ -328,18 +327,25 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                         f"{', '.join(sorted(prompts.slots)) or 'none'})")
 
 
-def _check_tas(path: Path, root: yaml.Node | None, recipe: Recipe) -> None:
-    """TAS records cross-attention at ``attention_res`` rows: it must divide the latent size (image / 8)."""
-    tas, latent = recipe.tas, recipe.image.size // SD_LATENT_FACTOR
-    if not tas.enabled or tas.max_steps == 0 or latent % tas.attention_res == 0:
+def check_tas_resolution(recipe: Recipe, latent_factor: int) -> None:
+    """TAS records cross-attention at ``attention_res`` rows: it must divide the latent size
+    (image.size / ``latent_factor``, the loaded model's VAE factor: 8 for SD1.5). Checked at generate
+    time, when the model is loaded; raises InputError naming the recipe file and ``tas.attention_res``."""
+    tas, latent = recipe.tas, recipe.image.size // latent_factor
+    if not tas.enabled or tas.max_steps == 0 or (recipe.image.size % latent_factor == 0
+                                                 and latent % tas.attention_res == 0):
         return
+    where = f"{recipe.path or 'recipe'}, field tas.attention_res"
+    if recipe.path is not None and "attention_res" in recipe.tas.model_fields_set:
+        _, root = _compose(recipe.path, recipe.path.read_text(encoding="utf-8"))
+        where = _where(recipe.path, root, ("tas", "attention_res"))
     usable = [latent // f for f in (4, 2, 8) if latent % f == 0]
     raise InputError(
         f"tas.attention_res {tas.attention_res} does not divide the latent size {latent} (image.size "
-        f"{recipe.image.size} / {SD_LATENT_FACTOR}), so no cross-attention layer has that resolution",
-        where=_where(path, root, ("tas", "attention_res")),
+        f"{recipe.image.size} / the model's VAE factor {latent_factor}), so no cross-attention layer has that "
+        "resolution", where=where,
         fix=(f"set tas.attention_res to {usable[0]} (a quarter of the latent size, SD1.5's 16 at 512) or "
-             if usable else "") + "choose an image.size that is a multiple of 128")
+             if usable else "") + f"choose an image.size that is a multiple of {16 * latent_factor}")
 
 
 def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
@@ -404,7 +410,6 @@ def load_recipe(path: str | Path) -> Recipe:
         raise _error_from_pydantic(path, root, errors[0], len(errors)) from None
     if recipe.prompts is not None:
         _check_prompts(path, root, recipe.prompts)
-    _check_tas(path, root, recipe)
     defaults = _defaults_used(recipe)
     _resolve(recipe, root, path)
     if "output" in defaults:

@@ -1,0 +1,111 @@
+"""``handsynth generate``: a recipe's prompts + mesh images -> generated images, on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from handsynth.console import console, print_defaults, stdout
+from handsynth.errors import InputError
+
+# Recipe defaults the command prints itself (as --run / --out).
+_SHOWN_BY_COMMAND = {"inputs", "output", "batch_size"}
+
+
+def _device(requested: Optional[str]) -> str:
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise InputError(f"--device '{requested}' is not a device name", where="--device",
+                         fix="use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device asks for cuda, but torch sees no CUDA GPU on this machine", where="--device",
+                         fix="run on a machine with an NVIDIA GPU and a CUDA build of torch, or pass --device cpu "
+                             "(tiny/test models only)")
+    return requested
+
+
+def generate(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file, e.g. recipes/outdoor.yaml.",
+                                         show_default=False)],
+    count: Annotated[Optional[int], typer.Option(
+        "--count", "-n", min=0, help="Number of samples (default: one per input frame). Sample i uses frame "
+                                     "i mod n_frames as variant i div n_frames.")] = None,
+    start: Annotated[int, typer.Option("--start", min=0, help="First sample index (to split a run).")] = 0,
+    run: Annotated[Optional[Path], typer.Option(
+        "--run", help="Render run directory to take mesh images from; overrides the recipe's inputs (default: "
+                      "the recipe's inputs, else the newest render run under ./runs/).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run directory to write (default: the recipe's output, else runs/<recipe name>-gen). "
+                      "Rerunning into it resumes: finished samples are kept.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", min=1, help="Images per diffusion batch (default: the recipe's batch_size); the images "
+                                    "do not depend on it.")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="torch device (default: cuda when available, else cpu - for tiny/test models "
+                         "only).")] = None,
+) -> None:
+    """Generate images for sample indices START..START+COUNT-1 of a recipe, resumably.
+
+    Each sample is a pure function of the recipe and its index (frame, prompt, noise seed), so any
+    batch size or restart gives the same images on the same device and precision. Writes
+    images/<key>, local/<key> (hand crops, when the render run has local mesh images) and
+    samples/<key>.json (written last) plus manifest.json into --out.
+    """
+    from handsynth.attentionhand.loading import load_pipeline
+    from handsynth.generate import runner
+    from handsynth.generate.plan import find_inputs
+    from handsynth.io import ensure_writable_dir
+    from handsynth.prompts.recipe import check_tas_resolution, load_recipe
+
+    loaded = load_recipe(recipe)
+    defaults: dict[str, object] = {}
+    inputs, note = find_inputs(loaded, run)
+    if note:
+        defaults["--run"] = note
+    if inputs.kind == "run" and loaded.prompts is None:
+        raise InputError("the recipe has no 'prompts' section, which render-run inputs need", where=loaded.path,
+                         fix="add prompts.templates and prompts.slots (see recipes/outdoor.yaml)")
+    if count is None:
+        count = len(inputs.frames)
+        defaults["--count"] = f"{count} (one sample per input frame)"
+    if out is None:
+        out = loaded.output
+        defaults["--out"] = out
+    if batch_size is None:
+        batch_size = loaded.batch_size
+        defaults["--batch-size"] = f"{batch_size} (recipe batch_size)"
+    if device is None:
+        device = _device(None)
+        defaults["--device"] = device
+    else:
+        device = _device(device)
+    precision = loaded.model.precision
+    if device.startswith("cpu"):
+        console.print("[yellow]warning:[/yellow] generating on the CPU: fine for tiny/test models only; a Stable "
+                      "Diffusion model needs a CUDA GPU (minutes per image on a CPU)")
+        if precision != "fp32":
+            console.print(f"[dim]note: model.precision {precision} -> fp32 on the CPU[/dim]")
+            precision = "fp32"
+    print_defaults(defaults)
+    print_defaults({f"recipe {k}": v for k, v in loaded.defaults.items() if k not in _SHOWN_BY_COMMAND})
+
+    model = {"base": loaded.model.base, "guidance": loaded.model.guidance,
+             "guidance_files_sha256": runner.guidance_files(loaded.model.guidance),
+             "scheduler": loaded.sampler.scheduler}
+    prints = runner.fingerprint(loaded, inputs, model, precision)
+    resuming = runner.check_out_dir(Path(out), prints)
+    ensure_writable_dir(out)
+    pipe = load_pipeline(loaded.model.base, loaded.model.guidance, dtype=precision, device=device,
+                         scheduler=loaded.sampler.scheduler)
+    check_tas_resolution(loaded, pipe.vae_scale_factor)
+    summary = runner.run(loaded, inputs, pipe, out=Path(out), start=start, count=count, batch_size=batch_size,
+                         device=device, precision=precision, model=model, resuming=resuming, prints=prints)
+    stdout.print(f"generated {summary.done} image(s), {summary.skipped} already done, into {summary.out} "
+                 f"in {summary.elapsed_s:.1f} s")

@@ -1,0 +1,207 @@
+"""The work plan: which frame, prompt and noise seed sample ``i`` gets - a pure function of (recipe, i).
+
+Inputs are a list of :class:`FrameInput`, in a fixed order: the frames of a ``handsynth render`` run in
+``labels.jsonl`` order (only frames whose ``labels/<key>.json`` exists), or the entries of a modalities
+file in file order. Sample ``i`` uses frame ``i % n_frames`` as variant ``i // n_frames`` and gets the
+key ``keys.sample_key(frame, variant)``.
+
+Randomness comes from two independent streams per sample, both derived from ``recipe.seed`` and ``i``
+only (never from batch position, time or global state):
+
+- the prompt: :class:`~handsynth.prompts.templates.PromptSampler` (``SeedSequence(seed, spawn_key=(i,))``);
+- the initial noise: ``SeedSequence(entropy=seed, spawn_key=(i, 1))`` for the global image and
+  ``(i, 2)`` for the local image, 63-bit seeds for ``torch.Generator.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from handsynth import io
+from handsynth.errors import InputError
+from handsynth.keys import sample_key
+from handsynth.prompts.spans import free_text_prompt, hand_token_indices
+from handsynth.prompts.templates import Prompt, PromptSampler
+
+RENDER_STAGE = "render"
+GLOBAL_STREAM, LOCAL_STREAM = 1, 2
+SEED_RULE = ("noise seed of sample i: numpy SeedSequence(entropy=recipe.seed, spawn_key=(i, 1)) "
+             "-> generate_state(1, uint64)[0] & (2**63 - 1) -> torch.Generator(device).manual_seed; local image: "
+             "spawn_key=(i, 2); prompt: SeedSequence(entropy=recipe.seed, spawn_key=(i,)); frame i % n_frames, "
+             "variant i // n_frames")
+
+
+@dataclass(frozen=True)
+class FrameInput:
+    """One input frame: its key, hand configuration ("right" | "left" | "both"; None when unknown), the
+    global mesh image, the optional local mesh image, and (modalities) its own prompt text. ``mesh_ref`` /
+    ``local_ref`` are the image paths as recorded in sample files (relative to the render run)."""
+
+    key: str
+    mesh: Path
+    mesh_ref: str
+    hands: str | None = None
+    local: Path | None = None
+    local_ref: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The frames of a run, where they came from (``kind`` "run" | "modalities", ``path``), and a
+    fingerprint of their content (``sha256``) plus extra facts for the manifest."""
+
+    kind: str
+    path: Path
+    frames: list[FrameInput]
+    sha256: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that decides sample ``index``: its frame, variant, key, prompt, CLIP hand-token
+    positions and noise seeds (``local_seed`` is used only when the frame has a local mesh image)."""
+
+    index: int
+    frame: FrameInput
+    variant: int
+    key: str
+    prompt: Prompt
+    token_indices: list[int]
+    seed: int
+    local_seed: int
+
+
+def noise_seed(recipe_seed: int, index: int, stream: int = GLOBAL_STREAM) -> int:
+    """The 63-bit noise seed of sample ``index`` (``stream`` 1: global image, 2: local image)."""
+    state = np.random.SeedSequence(entropy=recipe_seed, spawn_key=(index, stream)).generate_state(1, dtype=np.uint64)
+    return int(state[0]) & (2**63 - 1)
+
+
+def hand_config(sides: list[str]) -> str | None:
+    """"right" | "left" | "both" from the sides of a frame's hands (None without hands)."""
+    found = set(sides)
+    if {"right", "left"} <= found:
+        return "both"
+    return next(iter(found)) if found else None
+
+
+class Plan:
+    """Maps a sample index to its :class:`SampleSpec`. ``tokenizer`` is the pipeline's (fast) CLIP tokenizer."""
+
+    def __init__(self, recipe, frames: list[FrameInput], tokenizer):
+        if not frames:
+            raise ValueError("a plan needs at least one frame")
+        self.recipe, self.frames, self.tokenizer = recipe, frames, tokenizer
+        self.sampler = PromptSampler(recipe.prompts, recipe.seed) if recipe.prompts is not None else None
+
+    def key(self, index: int) -> str:
+        """The sample key of ``index`` (cheap: no prompt sampling)."""
+        return sample_key(self.frames[index % len(self.frames)].key, index // len(self.frames))
+
+    def __call__(self, index: int) -> SampleSpec:
+        frame = self.frames[index % len(self.frames)]
+        variant = index // len(self.frames)
+        if frame.text is not None:
+            prompt = free_text_prompt(frame.text)
+        else:
+            prompt = self.sampler(index, frame.hands)
+        tokens = hand_token_indices(self.tokenizer, prompt.text, prompt.hand_spans)
+        return SampleSpec(index=index, frame=frame, variant=variant, key=sample_key(frame.key, variant),
+                          prompt=prompt, token_indices=tokens, seed=noise_seed(self.recipe.seed, index),
+                          local_seed=noise_seed(self.recipe.seed, index, LOCAL_STREAM))
+
+
+# --- finding and reading inputs --------------------------------------------------------------
+
+
+def newest_render_run(root: Path = Path("runs")) -> Path | None:
+    """The render run under ``root`` whose manifest has the latest ``created`` time (None if there is none)."""
+    best: tuple[str, Path] | None = None
+    for manifest in sorted(root.glob(f"*/{io.MANIFEST}")):
+        try:
+            data = io.read_json(manifest)
+        except InputError:
+            continue
+        if isinstance(data, dict) and data.get("stage") == RENDER_STAGE:
+            created = str(data.get("created", ""))
+            if best is None or created > best[0]:
+                best = (created, manifest.parent)
+    return best[1] if best else None
+
+
+def read_render_run(run: Path) -> Inputs:
+    """The frames of a render run; InputError when it is missing, not a render run, or has no frames."""
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"the render run directory '{run}' does not exist", where=run,
+                         fix="pass --run with a directory written by `handsynth render`, or run it first")
+    manifest = io.read_manifest(run, stage=RENDER_STAGE)
+    jsonl = run / "labels.jsonl"
+    if not jsonl.is_file():
+        raise InputError("the render run has no labels.jsonl (it was interrupted before its end)", where=run,
+                         fix="rerun the same `handsynth render` command to finish it")
+    frames = []
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            label = json.loads(line)
+            key, images = label["key"], label["images"]
+            sides = [h["side"] for h in label["hands"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"line {number} is not a render label ({type(exc).__name__}: {exc})", where=jsonl,
+                             fix="rerun `handsynth render` into a new --out") from None
+        if not (run / "labels" / f"{key}.json").is_file():
+            continue
+        local = images.get("local")
+        local_path = run / local if local and (run / local).is_file() else None
+        frames.append(FrameInput(key=key, mesh=run / images["global"], mesh_ref=images["global"],
+                                 hands=hand_config(sides), local=local_path,
+                                 local_ref=local if local_path else None))
+    if not frames:
+        raise InputError("the render run has no rendered frames", where=run,
+                         fix="render labels with at least one visible hand (`handsynth render --labels ...`)")
+    if manifest.get("status") != "complete":
+        from handsynth.console import console
+
+        console.print(f"[yellow]warning:[/yellow] the render run {run} is not complete (status "
+                      f"{manifest.get('status')!r}); using its {len(frames)} finished frames")
+    return Inputs(kind="run", path=run.resolve(), frames=frames, sha256=io.sha256_file(jsonl),
+                  record={"run": str(run.resolve()), "manifest_sha256": io.sha256_file(run / io.MANIFEST),
+                          "labels_jsonl_sha256": io.sha256_file(jsonl), "frames": len(frames)})
+
+
+def read_modalities_inputs(path: Path, root: Path | None) -> Inputs:
+    """The entries of an AttentionHand modalities file as frames (prompt from the text, no local branch)."""
+    from handsynth.prompts.modalities import read_modalities
+
+    entries = read_modalities(path, root)
+    frames = [FrameInput(key=e.key, mesh=e.mesh, mesh_ref=str(e.mesh), text=e.text) for e in entries]
+    return Inputs(kind="modalities", path=Path(path).resolve(), frames=frames, sha256=io.sha256_file(path),
+                  record={"modalities": str(Path(path).resolve()), "root": str(root) if root else None,
+                          "sha256": io.sha256_file(path), "frames": len(frames)})
+
+
+def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
+    """The inputs: ``run`` (from --run) if given, else the recipe's, else the newest render run under
+    ./runs/. Returns them and a note saying which default was used (None when none was)."""
+    if run is not None:
+        return read_render_run(run), None
+    if recipe.inputs is not None and recipe.inputs.run is not None:
+        return read_render_run(recipe.inputs.run), None
+    if recipe.inputs is not None and recipe.inputs.modalities is not None:
+        return read_modalities_inputs(recipe.inputs.modalities, recipe.inputs.root), None
+    newest = newest_render_run()
+    if newest is None:
+        raise InputError("no inputs: the recipe has no 'inputs' section, no --run was given and ./runs/ holds "
+                         "no render run", where=recipe.path,
+                         fix="run `handsynth render --labels ...` first, pass --run <render run>, or set inputs.run "
+                             "in the recipe")
+    return read_render_run(newest), f"newest render run under runs/: {newest}"
