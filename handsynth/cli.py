@@ -57,6 +57,8 @@ from handsynth.attentionhand.convert_command import convert  # noqa: E402
 app.command("convert")(convert)
 from handsynth.prompts.command import prompts  # noqa: E402
 app.command("prompts")(prompts)
+from handsynth.export.command import export  # noqa: E402
+app.command("export")(export)
 from handsynth.generate.command import generate  # noqa: E402
 app.command("generate")(generate)
 

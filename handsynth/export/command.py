@@ -1,0 +1,72 @@
+"""``handsynth export``: a generate run -> WebDataset shards pairing each image with its original labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from handsynth.console import console, print_defaults, stdout
+from handsynth.errors import InputError
+
+
+def export(
+    format: Annotated[str, typer.Option(
+        "--format", help="Output format; 'webdataset' (tar shards) is the only one.")] = "webdataset",
+    run: Annotated[Optional[Path], typer.Option(
+        help="Generate run directory to export (default: the newest generate run under ./runs/).")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for the shards and index.json (default: shards/<run name>). Rerunning the same command "
+             "keeps complete shards and rewrites the rest.")] = None,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    layout: Annotated[str, typer.Option(
+        help="'handsynth': image + mesh images + label JSON (safe to read). 'hamer': image + data.pyd as "
+             "HaMeR's tar loader expects, plus the label JSON; data.pyd is a pickle - never read pickles "
+             "from strangers.")] = "handsynth",
+    verify: Annotated[bool, typer.Option(
+        "--verify/--no-verify", help="Read every shard back with webdataset after writing and check it.")] = True,
+    verify_only: Annotated[bool, typer.Option(
+        "--verify-only", help="Only check the shards already in --out (needs --out).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace shards in --out that were exported from other inputs or with other settings.")] = False,
+    mano_dir: Annotated[Optional[Path], typer.Option(
+        envvar="HANDSYNTH_MANO_DIR",
+        help="MANO files (hamer layout only; default: the folder the render run used).")] = None,
+) -> None:
+    """Export generated images with their ORIGINAL 3D labels as WebDataset tar shards.
+
+    Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
+    """
+    from handsynth.export.webdataset import export_run, newest_generate_run, verify_shards
+
+    if verify_only:
+        if out is None:
+            raise InputError("--verify-only needs the shard folder", where="--out", fix="pass --out shards/<name>")
+        _print_verified(verify_shards(out))
+        return
+    if run is None:
+        run = newest_generate_run()
+        if run is None:
+            raise InputError("no generate run given and ./runs/ holds none", where="--run",
+                             fix="pass --run <generate run directory>, or run `handsynth generate` first")
+        print_defaults({"--run": run})
+    if out is None:
+        out = Path("shards") / run.name
+        print_defaults({"--out": out})
+    summary = export_run(run, out, format=format, shard_size=shard_size, layout=layout, overwrite=overwrite,
+                         verify=verify, mano_dir=mano_dir)
+    stdout.print(
+        f"exported {summary.samples} samples into {summary.shards} shards in {summary.out} "
+        f"({summary.written} written, {summary.kept} already complete; {summary.bytes / 1e6:.1f} MB) in "
+        f"{summary.elapsed_s:.1f} s; incomplete samples skipped: {summary.incomplete}", soft_wrap=True)
+    if summary.verified is not None:
+        _print_verified(summary.verified)
+
+
+def _print_verified(summary) -> None:
+    rate = summary.samples / summary.elapsed_s if summary.elapsed_s else 0.0
+    stdout.print(f"verified {summary.shards} shards, {summary.samples} samples, {summary.bytes / 1e6:.1f} MB "
+                 f"in {summary.elapsed_s:.1f} s ({rate:.0f} samples/s): ok", soft_wrap=True)
+    if not summary.samples:
+        console.print("[yellow]warning:[/yellow] the shard folder holds no samples")
