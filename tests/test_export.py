@@ -1,0 +1,237 @@
+"""handsynth export: WebDataset shards of generated images paired with the original labels."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from handsynth.cli import main
+from handsynth.export.hamer import HAMER_FIELDS, load_pyd
+from handsynth.export.webdataset import TAR_MTIME, export_run
+from tests.fixtures.export import make_generate_run
+
+# HaMeR's mano_wrapper order: MANO joints (16) + fingertips -> OpenPose 21.
+MANO_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
+
+
+@pytest.fixture
+def gen_run(tmp_path, export_render_run):
+    """8 planned samples over the 4 frames, sample 5 unfinished (image but no sample file)."""
+    return make_generate_run(tmp_path / "runs" / "gen-a", export_render_run, 8, missing=(5,))
+
+
+def _raw(shard: Path) -> list[dict]:
+    return list(wds.WebDataset(str(shard), shardshuffle=False))
+
+
+def _source_records(render_run: Path) -> dict:
+    manifest = json.loads((render_run / "manifest.json").read_text())
+    data = next(Path(e["path"]) for e in manifest["inputs"]["labels"] if e["path"].endswith("_data.json"))
+    prefix = data.name.rsplit("_", 1)[0]
+    return {kind: json.loads((data.parent / f"{prefix}_{kind}.json").read_text())
+            for kind in ("data", "MANO_NeuralAnnot")}
+
+
+def test_round_trip_labels_and_images_equal_the_sources(gen_run, export_render_run, tmp_path):
+    summary = export_run(gen_run, tmp_path / "shards", shard_size=3)
+    assert (summary.shards, summary.samples, summary.incomplete) == (3, 7, 1)
+    shards = sorted((tmp_path / "shards").glob("*.tar"))
+    assert [p.name for p in shards] == [f"gen-a-{i:06d}.tar" for i in range(3)]
+    samples = [s for p in shards for s in _raw(p)]
+    assert [len(_raw(p)) for p in shards] == [3, 3, 1]
+    records = [json.loads(p.read_text()) for p in sorted((gen_run / "samples").glob("*.json"))]
+    records.sort(key=lambda r: r["index"])
+    assert [s["__key__"] for s in samples] == [r["key"] for r in records]
+    assert [r["index"] for r in records] == [0, 1, 2, 3, 4, 6, 7]
+    src = _source_records(export_render_run)
+    for sample, record in zip(samples, records):
+        key, frame = sample["__key__"], record["frame"]
+        assert "." not in key
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {
+            "jpg", "json", "mesh.png", "local_mesh.png", "local.jpg"}
+        assert sample["jpg"] == (gen_run / "images" / f"{key}.jpg").read_bytes()
+        assert sample["local.jpg"] == (gen_run / "local" / f"{key}.jpg").read_bytes()
+        assert sample["mesh.png"] == (export_render_run / "global" / f"{frame}.png").read_bytes()
+        assert sample["local_mesh.png"] == (export_render_run / "local" / f"{frame}.png").read_bytes()
+        label = json.loads(sample["json"])
+        generation = label.pop("generation")
+        assert label == json.loads((export_render_run / "labels" / f"{frame}.json").read_text())
+        img = label["original"]["image"]
+        assert img in src["data"]["images"]
+        assert label["original"]["annotations"] == [a for a in src["data"]["annotations"] if a["image_id"] == img["id"]]
+        assert label["original"]["mano"] == src["MANO_NeuralAnnot"][str(img["capture"])][str(img["frame_idx"])]
+        assert label["joint_order"] == "openpose21" and label["units"]["length"] == "metres"
+        assert {k: generation[k] for k in record} == record
+        assert generation["recipe_sha256"] == "ab" * 32 and generation["model"]["base"] == "tiny-sd"
+        assert generation["image_size"] == [64, 48]
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index["status"] == "complete" and index["samples"] == 7
+    assert [e["count"] for e in index["shards"]] == [3, 3, 1]
+    assert [k for e in index["shards"] for k in e["keys"]] == [r["key"] for r in records]
+
+
+def test_webdataset_decodes_the_fields(gen_run, tmp_path):
+    export_run(gen_run, tmp_path / "shards", shard_size=4)
+    urls = [str(p) for p in sorted((tmp_path / "shards").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == 7
+    for s in samples:
+        assert s["jpg"].shape == (48, 64, 3) and s["local.jpg"].shape == (32, 32, 3)
+        assert s["mesh.png"].shape[:2] == tuple(s["json"]["image_size"][::-1])
+        assert s["json"]["generation"]["key"] == s["__key__"] and s["json"]["hands"]
+
+
+def test_reruns_are_byte_identical_with_fixed_member_metadata(gen_run, tmp_path):
+    export_run(gen_run, tmp_path / "a", shard_size=3, verify=False)
+    export_run(gen_run, tmp_path / "b", shard_size=3, verify=False)
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert names and names == sorted(p.name for p in (tmp_path / "b").glob("*.tar"))
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        with tarfile.open(tmp_path / "a" / name) as tar:
+            for member in tar.getmembers():
+                assert (member.mtime, member.uid, member.gid, member.uname, member.mode) == (
+                    TAR_MTIME, 0, 0, "handsynth", 0o444)
+
+
+def test_resume_rewrites_only_missing_shards_and_removes_stray_temporaries(gen_run, tmp_path):
+    out = tmp_path / "shards"
+    export_run(gen_run, out, shard_size=3, verify=False)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
+    (out / "gen-a-000001.tar").unlink()
+    stray = out / ".gen-a-000002.tar.0123456789abcdef.tmp"
+    stray.write_bytes(b"half a shard")
+    summary = export_run(gen_run, out, shard_size=3)
+    assert (summary.written, summary.kept) == (1, 2)
+    assert not stray.exists()
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
+    assert after["gen-a-000000.tar"] == before["gen-a-000000.tar"]      # untouched
+    assert after["gen-a-000002.tar"] == before["gen-a-000002.tar"]
+    assert after["gen-a-000001.tar"][1] == before["gen-a-000001.tar"][1]  # rewritten, same bytes
+
+
+def test_changed_inputs_are_refused_unless_overwrite(gen_run, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    sample = next(p for p in (gen_run / "samples").glob("*.json") if json.loads(p.read_text())["index"] == 0)
+    record = json.loads(sample.read_text())
+    sample.write_text(json.dumps({**record, "prompt": "something else"}))
+    capsys.readouterr()
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since it was exported" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "5"]) == 2  # other settings
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "5", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["gen-a-000000.tar", "gen-a-000001.tar"]
+    assert json.loads(_raw(out / "gen-a-000000.tar")[0]["json"])["generation"]["prompt"] == "something else"
+
+
+def _lbs_joints(arrays: dict, pose: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """21 OpenPose-order joints of MANO with ``pose`` as ABSOLUTE rotations (no mean pose), via smplx.lbs."""
+    import torch
+    from smplx.lbs import lbs
+    from smplx.vertex_ids import vertex_ids
+
+    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+    reg = arrays["J_regressor"]
+    reg = reg.toarray() if hasattr(reg, "toarray") else np.asarray(reg)
+    posedirs = np.asarray(arrays["posedirs"], dtype=np.float64)
+    parents = np.asarray(arrays["kintree_table"][0], dtype=np.int64).copy()
+    parents[0] = -1
+    verts, joints = lbs(t(betas)[None], t(pose)[None], t(arrays["v_template"]), t(arrays["shapedirs"])[..., :10],
+                        t(posedirs.reshape(-1, posedirs.shape[-1]).T), t(reg), torch.tensor(parents),
+                        t(arrays["weights"]))
+    tips = verts[0, list(vertex_ids["mano"].values())]
+    return torch.cat([joints[0], tips])[MANO_TO_OPENPOSE].numpy()
+
+
+def test_hamer_layout_fields_shapes_and_geometry(tmp_path, export_render_run, mano_dir):
+    from handsynth.hand_model import load_mano_arrays, resolve_mano_dir
+
+    run = make_generate_run(tmp_path / "gen-h", export_render_run, 4, ext="png", size=(96, 80), local=False)
+    export_run(run, tmp_path / "h", shard_size=10, layout="hamer")
+    samples = _raw(tmp_path / "h" / "gen-h-000000.tar")
+    assert len(samples) == 4
+    arrays = {side: load_mano_arrays(resolve_mano_dir(mano_dir), side) for side in ("right", "left")}
+    for sample in samples:
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"png", "data.pyd", "json"}
+        label = json.loads(sample["json"])
+        hands = load_pyd(sample["data.pyd"])
+        assert len(hands) == len(label["hands"]) > 0
+        W, H = label["image_size"]
+        sx, sy = 96 / W, 80 / H
+        for hand, src in zip(hands, label["hands"]):
+            assert set(hand) == set(HAMER_FIELDS)
+            shapes = {k: np.shape(v) for k, v in hand.items()}
+            assert shapes == {"keypoints_2d": (21, 3), "keypoints_3d": (21, 4), "hand_pose": (48,), "betas": (10,),
+                              "has_hand_pose": (), "has_betas": (), "center": (2,), "scale": (2,), "right": ()}
+            assert float(hand["right"]) == (1.0 if src["side"] == "right" else 0.0)
+            np.testing.assert_array_equal(hand["keypoints_2d"][:, 2], 1.0)
+            np.testing.assert_array_equal(hand["keypoints_3d"][:, 3], 1.0)
+            # box (source pixels, x0 y0 x1 y1) -> generated-image pixels (whole frame resized, centres at integers)
+            x0, y0, x1, y1 = src["box"]
+            gx = lambda u: (u + 0.5) * sx - 0.5  # noqa: E731
+            gy = lambda v: (v + 0.5) * sy - 0.5  # noqa: E731
+            np.testing.assert_allclose(hand["center"], [(gx(x0) + gx(x1)) / 2, (gy(y0) + gy(y1)) / 2], rtol=1e-5)
+            np.testing.assert_allclose(hand["scale"], [(x1 - x0) * sx / 200, (y1 - y0) * sy / 200], rtol=1e-5)
+            # 2D keypoints = the 3D keypoints through the source camera, then mapped to the generated image
+            cam = label["camera"]
+            X = hand["keypoints_3d"][:, :3].astype(np.float64)
+            u = cam["focal"][0] * X[:, 0] / X[:, 2] + cam["princpt"][0]
+            v = cam["focal"][1] * X[:, 1] / X[:, 2] + cam["princpt"][1]
+            np.testing.assert_allclose(hand["keypoints_2d"][:, :2], np.stack([gx(u), gy(v)], 1), atol=2e-3)
+            # hand_pose as absolute camera-frame rotations reproduces the camera-space joint shape
+            joints = _lbs_joints(arrays[src["side"]], hand["hand_pose"].astype(np.float64), hand["betas"])
+            np.testing.assert_allclose(joints - joints[0], X - X[0], atol=1e-4)
+
+
+def test_verify_only_detects_a_damaged_shard(gen_run, tmp_path, capsys):
+    out = tmp_path / "shards"
+    export_run(gen_run, out, shard_size=3, verify=False)
+    capsys.readouterr()
+    assert main(["export", "--verify-only", "--out", str(out)]) == 0
+    assert "verified 3 shards, 7 samples" in capsys.readouterr().out
+    shard = out / "gen-a-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["export", "--verify-only", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "gen-a-000001.tar does not match its sha256" in err and "Traceback" not in err
+
+
+def test_defaults_pick_the_newest_generate_run(tmp_path, export_render_run, monkeypatch, capsys):
+    old = make_generate_run(tmp_path / "runs" / "old", export_render_run, 2)
+    new = make_generate_run(tmp_path / "runs" / "new", export_render_run, 3)
+    for run, created in ((old, "2025-01-01T00:00:00+00:00"), (new, "2025-02-01T00:00:00+00:00")):
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps({**manifest, "created": created}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--format", "webdataset"]) == 0
+    captured = capsys.readouterr()
+    assert "runs/new" in captured.err and "shards/new" in captured.err
+    assert [len(_raw(p)) for p in sorted((tmp_path / "shards" / "new").glob("*.tar"))] == [3]
+
+
+def test_bad_input_gives_clear_errors(gen_run, export_render_run, tmp_path, capsys):
+    cases = [
+        (["--run", str(tmp_path / "nope")], 2, "does not exist"),
+        (["--run", str(export_render_run)], 2, "'render' stage, not 'generate'"),
+        (["--run", str(gen_run), "--format", "parquet"], 2, "unknown export format 'parquet'"),
+        (["--run", str(gen_run), "--layout", "coco"], 2, "unknown shard layout"),
+        (["--run", str(gen_run), "--out", str(gen_run / "manifest.json" / "x")], 4, "cannot write"),
+        (["--verify-only", "--out", str(tmp_path / "empty")], 2, "no shard index"),
+    ]
+    for args, code, text in cases:
+        capsys.readouterr()
+        assert main(["export", *args]) == code, args
+        err = capsys.readouterr().err
+        assert text in " ".join(err.split()) and "Traceback" not in err, (args, err)
+    assert not (gen_run / "manifest.json").is_dir()
