@@ -11,6 +11,7 @@ from handsynth.cli import main
 from handsynth.errors import InputError
 from handsynth.prompts import load_recipe
 from tests.conftest import SHARED
+from tests.fixtures.generate import write_gen_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -129,10 +130,6 @@ BAD = {
         MINIMAL + "tas:\n  kernel_size: 4\n",
         ["tas.kernel_size", "line 11", "odd size", "got 4"],
     ),
-    "attention_res_not_dividing": (
-        MINIMAL + "image:\n  size: 576\n",  # latent 72: no layer at 16x16
-        ["tas.attention_res 16 does not divide the latent size 72", "set tas.attention_res to 18"],
-    ),
     "both_inputs": (
         MINIMAL + "inputs: {run: ., modalities: r.yaml}\n",
         ["exactly one of 'run' or 'modalities'", "field inputs, line 10"],
@@ -173,3 +170,24 @@ def test_error_object_names_file_field_line(tmp_path):
         load_recipe(path)
     assert info.value.where == f"{path}, field image.format, line 11"
     assert "'jpg' or 'png'" in info.value.fix
+
+
+def main_generate(capsys, recipe: Path, *args: str) -> tuple[int, str]:
+    code = main(["generate", "--recipe", str(recipe), "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+def test_tas_resolution_checked_with_the_models_vae_factor(tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir):
+    """The latent size is the image size over the LOADED model's VAE factor (2 for the tiny model, not
+    SD1.5's 8), so the check runs at generate time: 8 does not divide 72 / 2 = 36."""
+    modalities = SHARED / "samples" / "attentionhand-official" / "modalities.json"
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, prompts="",
+                              extra=f"inputs:\n  modalities: {modalities}\n")
+    recipe.write_text(recipe.read_text().replace("size: 64", "size: 72").replace("attention_res: 16",
+                                                                                 "attention_res: 8"))
+    code, text = main_generate(capsys, recipe, "--out", str(tmp_path / "out"))
+    assert code == 2 and f"{recipe}, field tas.attention_res, line 10" in text
+    assert "does not divide the latent size 36" in text and "VAE factor 2" in text and "set tas.attention_res to 9" \
+        in text
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -1,0 +1,242 @@
+"""handsynth generate on the tiny model: plan contents, determinism across batch sizes, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from handsynth.cli import main
+from handsynth.generate.plan import noise_seed
+from handsynth.keys import is_valid_key, sample_key
+from tests.conftest import SHARED
+from tests.fixtures.generate import write_gen_recipe
+
+MODALITIES = SHARED / "samples" / "attentionhand-official" / "modalities.json"
+
+
+def gen(capsys, recipe: Path, *args: str) -> tuple[int, str]:
+    code = main(["generate", "--recipe", str(recipe), "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """{relative path: (bytes, mtime_ns)} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def frames_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "labels.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd_dir, tiny_guidance_dir, gen_render_run, tmp_path_factory):
+    """Samples 0..n_frames (one second variant) generated with batch size 1."""
+    folder = tmp_path_factory.mktemp("gen-ref")
+    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {gen_render_run}\n")
+    count = len(frames_of(gen_render_run)) + 1
+    code = main(["generate", "--recipe", str(recipe), "--device", "cpu", "--count", str(count),
+                 "--batch-size", "1", "--out", str(folder / "out")])
+    assert code == 0
+    return {"recipe": recipe, "out": folder / "out", "count": count, "files": snapshot(folder / "out")}
+
+
+def test_samples_follow_the_plan(reference, gen_render_run, clip_tokenizer):
+    from handsynth.prompts import PromptSampler, hand_token_indices, load_recipe
+
+    recipe = load_recipe(reference["recipe"])
+    frames = frames_of(gen_render_run)
+    sampler = PromptSampler(recipe.prompts, recipe.seed)
+    out = reference["out"]
+    keys = []
+    for i in range(reference["count"]):
+        frame = frames[i % len(frames)]
+        sides = {h["side"] for h in frame["hands"]}
+        hands = "both" if len(sides) == 2 else sides.pop()
+        key = sample_key(frame["key"], i // len(frames))
+        sample = json.loads((out / "samples" / f"{key}.json").read_text())
+        prompt = sampler(i, hands)
+        assert sample["key"] == key and is_valid_key(key) and sample["index"] == i
+        assert sample["frame"] == frame["key"] and sample["variant"] == i // len(frames)
+        assert sample["hands"] == hands
+        assert sample["prompt"] == prompt.text and sample["hand_words"] == prompt.hand_words
+        assert sample["hand_token_indices"] == hand_token_indices(clip_tokenizer, prompt.text, prompt.hand_spans)
+        assert sample["hand_token_indices"]  # every template marks hand words
+        assert sample["seed"] == noise_seed(7, i) and sample["local_seed"] == noise_seed(7, i, 2)
+        assert sample["mesh"] == {"global": frame["images"]["global"], "local": frame["images"]["local"]}
+        assert sample["outputs"] == {"image": f"images/{key}.png", "local": f"local/{key}.png"}
+        from PIL import Image
+
+        for rel in sample["outputs"].values():
+            assert Image.open(out / rel).size == (64, 64)
+        keys.append(key)
+    assert len(set(keys)) == len(keys)
+    assert {h for f in frames for h in [len({x["side"] for x in f["hands"]})]} >= {1, 2}  # both configurations seen
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "generate" and manifest["status"] == "complete"
+    assert manifest["counts"] == {"requested": reference["count"], "done": reference["count"], "skipped": 0,
+                                  "samples_in_out": reference["count"]}
+    assert manifest["inputs"]["kind"] == "run" and manifest["inputs"]["run"] == str(gen_render_run.resolve())
+    from handsynth.io import sha256_file
+
+    assert manifest["inputs"]["manifest_sha256"] == sha256_file(gen_render_run / "manifest.json")
+    assert manifest["recipe"]["sha256"] == sha256_file(reference["recipe"])
+    assert manifest["recipe"]["resolved"]["seed"] == 7 and manifest["precision"] == "fp32"
+    assert manifest["device"] == "cpu" and "spawn_key=(i, 1)" in manifest["seeds"]
+    guidance = manifest["model"]["guidance_files_sha256"]
+    assert guidance and all(len(v) == 64 for v in guidance.values())
+
+
+def test_batch_size_does_not_change_samples(reference, tmp_path, capsys):
+    """Batch size 3 vs 1: the same sample files byte for byte; images equal up to float rounding.
+
+    CPU convolution kernels round differently for different batch sizes (about 2e-6 on [0, 1]
+    outputs, measured), so a few pixels may differ by one 8-bit level; everything the plan decides
+    (frame, prompt, tokens, seeds) is identical."""
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "b3"
+    code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--batch-size", "3",
+                     "--out", str(out))
+    assert code == 0, text
+    got = snapshot(out)
+    assert sorted(got) == sorted(reference["files"])
+    for name in reference["files"]:
+        if name.startswith("samples/"):
+            assert got[name][0] == reference["files"][name][0], name
+        elif name.startswith(("images/", "local/")):
+            a = np.asarray(Image.open(out / name), dtype=np.int16)
+            b = np.asarray(Image.open(reference["out"] / name), dtype=np.int16)
+            assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, name
+
+
+def test_resume_completes_only_missing_samples(reference, tmp_path, capsys):
+    out = tmp_path / "resume"
+    one = ("--batch-size", "1")        # the reference's batch composition, so bytes are comparable
+    code, _ = gen(capsys, reference["recipe"], "--count", "2", "--out", str(out), *one)
+    assert code == 0
+    first = snapshot(out)
+    code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--out", str(out), *one)
+    assert code == 0 and f"{reference['count'] - 2} image(s), 2 already done" in text
+    second = snapshot(out)
+    for name, value in first.items():
+        if name != "manifest.json":
+            assert second[name] == value, name          # same bytes, same mtime: untouched
+    for name, (data, _) in reference["files"].items():
+        if name != "manifest.json":
+            assert second[name][0] == data, name
+    # a lost sample file: only that sample is redone, to the same bytes
+    victim = sorted((out / "samples").glob("*.json"))[1]
+    victim.unlink()
+    code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--out", str(out), *one)
+    assert code == 0 and "generated 1 image(s)" in text
+    third = snapshot(out)
+    redone = {f"samples/{victim.name}", f"images/{victim.stem}.png", f"local/{victim.stem}.png"}
+    for name, value in second.items():
+        if name == "manifest.json":
+            continue
+        if name in redone:
+            assert third[name][0] == value[0] and third[name][1] != value[1], name
+        else:
+            assert third[name] == value, name
+
+
+def test_refuses_to_resume_a_different_plan(reference, tmp_path, capsys):
+    out = tmp_path / "other"
+    shutil.copytree(reference["out"], out)
+    before = snapshot(out)
+    changed = reference["recipe"].with_name("changed.yaml")
+    changed.write_text(reference["recipe"].read_text().replace("seed: 7", "seed: 8"))
+    code, text = gen(capsys, changed, "--out", str(out))
+    assert code == 2 and "different recipe" in text and "use a new --out" in text and "Traceback" not in text
+    assert snapshot(out) == before
+
+
+@pytest.fixture
+def earlier(reference, tmp_path):
+    """A finished generate run that failing commands must leave as it is."""
+    out = tmp_path / "earlier"
+    shutil.copytree(reference["out"], out)
+    return out, snapshot(out)
+
+
+def bad_cases(tmp_path: Path, base: Path, guidance: Path, run: Path) -> dict[str, tuple[list[str], int, list[str]]]:
+    not_render = tmp_path / "not-render"
+    not_render.mkdir()
+    (not_render / "manifest.json").write_text('{"stage": "export"}')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    recipe = write_gen_recipe(tmp_path / "ok", base, guidance)
+    broken = write_gen_recipe(tmp_path / "broken", base, guidance, extra="sampler:\n  steps: 0\n")
+    no_guidance = write_gen_recipe(tmp_path / "noguid", base, tmp_path / "no-such-guidance")
+    return {
+        "missing_run": ([str(recipe), "--run", str(tmp_path / "nope")], 2, ["does not exist", "--run"]),
+        "not_a_render_run": ([str(recipe), "--run", str(not_render)], 2, ["'export' stage", "handsynth render"]),
+        "empty_run": ([str(recipe), "--run", str(blocker.parent / "ok")], 2, ["no manifest.json"]),
+        "recipe_error": ([str(broken), "--run", str(run)], 2, [str(broken), "line"]),
+        "missing_guidance": ([str(no_guidance), "--run", str(run)], 3, ["no-such-guidance", "does not exist"]),
+        "unwritable_out": ([str(recipe), "--run", str(run), "--out", str(blocker / "sub")], 4,
+                           ["cannot write", "--out"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing_run", "not_a_render_run", "empty_run", "recipe_error",
+                                  "missing_guidance", "unwritable_out"])
+def test_bad_input(case, earlier, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, gen_render_run):
+    out, before = earlier
+    args, exit_code, fragments = bad_cases(tmp_path, tiny_sd_dir, tiny_guidance_dir, gen_render_run)[case]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "new-out")]
+    code, text = gen(capsys, Path(args[0]), *args[1:])
+    assert code == exit_code, text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    assert "Traceback" not in text
+    assert snapshot(out) == before
+    assert not list((tmp_path / "new-out").rglob("*.png"))
+
+
+def test_modalities_inputs(tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, clip_tokenizer):
+    from handsynth.prompts import free_text_prompt, hand_token_indices, read_modalities
+
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, prompts="",
+                              extra=f"inputs:\n  modalities: {MODALITIES}\n")
+    out = tmp_path / "out"
+    code, text = gen(capsys, recipe, "--out", str(out))
+    assert code == 0, text
+    entries = read_modalities(MODALITIES)
+    assert "using default --count = 3 (one sample per input frame)" in text
+    for i, entry in enumerate(entries):
+        sample = json.loads((out / "samples" / f"{entry.key}_v00000.json").read_text())
+        prompt = free_text_prompt(entry.text)
+        assert sample["prompt"] == entry.text == (SHARED / "samples" / "attentionhand-official" / "text"
+                                                  / f"{entry.key}.txt").read_text().splitlines()[0].strip()
+        assert sample["hand_words"] == prompt.hand_words
+        assert sample["hand_token_indices"] == hand_token_indices(clip_tokenizer, prompt.text, prompt.hand_spans)
+        assert sample["index"] == i and sample["hands"] is None and sample["local_seed"] is None
+        assert sample["mesh"] == {"global": str(entry.mesh)}
+        assert (out / sample["outputs"]["image"]).is_file() and "local" not in sample["outputs"]
+    assert not (out / "local").exists()
+    assert json.loads((out / "manifest.json").read_text())["inputs"]["kind"] == "modalities"
+
+
+def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny_sd_dir, tiny_guidance_dir,
+                                             gen_render_run):
+    monkeypatch.chdir(tmp_path)
+    for name, created in (("new", "2030-01-01T00:00:00+00:00"), ("old", "2020-01-01T00:00:00+00:00")):
+        shutil.copytree(gen_render_run, tmp_path / "runs" / name)
+        manifest = tmp_path / "runs" / name / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "created": created}))
+    recipe = write_gen_recipe(tmp_path / "cfg", tiny_sd_dir, tiny_guidance_dir, name="outdoor.yaml")
+    code, text = gen(capsys, recipe, "--count", "1")
+    assert code == 0, text
+    assert f"using default --run = newest render run under runs/: runs/new" in text
+    assert "using default --out = runs/outdoor-gen" in text and "using default --batch-size = 2" in text
+    manifest = json.loads((tmp_path / "runs" / "outdoor-gen" / "manifest.json").read_text())
+    assert manifest["inputs"]["run"] == str((tmp_path / "runs" / "new").resolve())
+    assert len(list((tmp_path / "runs" / "outdoor-gen" / "images").glob("*.png"))) == 1
