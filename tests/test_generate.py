@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from handsynth.cli import main
 from handsynth.generate.plan import noise_seed
+from handsynth.io import sha256_file
 from handsynth.keys import is_valid_key, sample_key
 from tests.conftest import SHARED
 from tests.fixtures.generate import write_gen_recipe
@@ -69,20 +71,16 @@ def test_samples_follow_the_plan(reference, gen_render_run, clip_tokenizer):
         assert sample["seed"] == noise_seed(7, i) and sample["local_seed"] == noise_seed(7, i, 2)
         assert sample["mesh"] == {"global": frame["images"]["global"], "local": frame["images"]["local"]}
         assert sample["outputs"] == {"image": f"images/{key}.png", "local": f"local/{key}.png"}
-        from PIL import Image
-
         for rel in sample["outputs"].values():
             assert Image.open(out / rel).size == (64, 64)
         keys.append(key)
     assert len(set(keys)) == len(keys)
-    assert {h for f in frames for h in [len({x["side"] for x in f["hands"]})]} >= {1, 2}  # both configurations seen
+    assert {len({h["side"] for h in f["hands"]}) for f in frames} == {1, 2}  # one- and two-hand frames
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "generate" and manifest["status"] == "complete"
     assert manifest["counts"] == {"requested": reference["count"], "done": reference["count"], "skipped": 0,
                                   "samples_in_out": reference["count"]}
     assert manifest["inputs"]["kind"] == "run" and manifest["inputs"]["run"] == str(gen_render_run.resolve())
-    from handsynth.io import sha256_file
-
     assert manifest["inputs"]["manifest_sha256"] == sha256_file(gen_render_run / "manifest.json")
     assert manifest["recipe"]["sha256"] == sha256_file(reference["recipe"])
     assert manifest["recipe"]["resolved"]["seed"] == 7 and manifest["precision"] == "fp32"
@@ -98,7 +96,6 @@ def test_batch_size_does_not_change_samples(reference, tmp_path, capsys):
     outputs, measured), so a few pixels may differ by one 8-bit level; everything the plan decides
     (frame, prompt, tokens, seeds) is identical."""
     import numpy as np
-    from PIL import Image
 
     out = tmp_path / "b3"
     code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--batch-size", "3",
@@ -177,7 +174,7 @@ def bad_cases(tmp_path: Path, base: Path, guidance: Path, run: Path) -> dict[str
     return {
         "missing_run": ([str(recipe), "--run", str(tmp_path / "nope")], 2, ["does not exist", "--run"]),
         "not_a_render_run": ([str(recipe), "--run", str(not_render)], 2, ["'export' stage", "handsynth render"]),
-        "empty_run": ([str(recipe), "--run", str(blocker.parent / "ok")], 2, ["no manifest.json"]),
+        "not_a_run": ([str(recipe), "--run", str(tmp_path / "ok")], 2, ["no manifest.json"]),
         "recipe_error": ([str(broken), "--run", str(run)], 2, [str(broken), "line"]),
         "missing_guidance": ([str(no_guidance), "--run", str(run)], 3, ["no-such-guidance", "does not exist"]),
         "unwritable_out": ([str(recipe), "--run", str(run), "--out", str(blocker / "sub")], 4,
@@ -185,13 +182,13 @@ def bad_cases(tmp_path: Path, base: Path, guidance: Path, run: Path) -> dict[str
     }
 
 
-@pytest.mark.parametrize("case", ["missing_run", "not_a_render_run", "empty_run", "recipe_error",
+@pytest.mark.parametrize("case", ["missing_run", "not_a_render_run", "not_a_run", "recipe_error",
                                   "missing_guidance", "unwritable_out"])
 def test_bad_input(case, earlier, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, gen_render_run):
     out, before = earlier
     args, exit_code, fragments = bad_cases(tmp_path, tiny_sd_dir, tiny_guidance_dir, gen_render_run)[case]
-    if "--out" not in args:
-        args += ["--out", str(tmp_path / "new-out")]
+    if "--out" not in args:  # fail into the finished run (a new folder where the model differs from its own)
+        args += ["--out", str(tmp_path / "new-out" if case == "missing_guidance" else out)]
     code, text = gen(capsys, Path(args[0]), *args[1:])
     assert code == exit_code, text
     for fragment in fragments:
@@ -235,7 +232,7 @@ def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny
     recipe = write_gen_recipe(tmp_path / "cfg", tiny_sd_dir, tiny_guidance_dir, name="outdoor.yaml")
     code, text = gen(capsys, recipe, "--count", "1")
     assert code == 0, text
-    assert f"using default --run = newest render run under runs/: runs/new" in text
+    assert "using default --run = newest render run under runs/: runs/new" in text
     assert "using default --out = runs/outdoor-gen" in text and "using default --batch-size = 2" in text
     manifest = json.loads((tmp_path / "runs" / "outdoor-gen" / "manifest.json").read_text())
     assert manifest["inputs"]["run"] == str((tmp_path / "runs" / "new").resolve())
