@@ -20,9 +20,9 @@ MANO_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19,
 
 
 @pytest.fixture
-def gen_run(tmp_path, export_render_run):
+def gen_run(tmp_path, small_render_run):
     """8 planned samples over the 4 frames, sample 5 unfinished (image but no sample file)."""
-    return make_generate_run(tmp_path / "runs" / "gen-a", export_render_run, 8, missing=(5,))
+    return make_generate_run(tmp_path / "runs" / "gen-a", small_render_run, 8, missing=(5,))
 
 
 def _raw(shard: Path) -> list[dict]:
@@ -37,7 +37,7 @@ def _source_records(render_run: Path) -> dict:
             for kind in ("data", "MANO_NeuralAnnot")}
 
 
-def test_round_trip_labels_and_images_equal_the_sources(gen_run, export_render_run, tmp_path):
+def test_round_trip_labels_and_images_equal_the_sources(gen_run, small_render_run, tmp_path):
     summary = export_run(gen_run, tmp_path / "shards", shard_size=3)
     assert (summary.shards, summary.samples, summary.incomplete) == (3, 7, 1)
     shards = sorted((tmp_path / "shards").glob("*.tar"))
@@ -48,7 +48,7 @@ def test_round_trip_labels_and_images_equal_the_sources(gen_run, export_render_r
     records.sort(key=lambda r: r["index"])
     assert [s["__key__"] for s in samples] == [r["key"] for r in records]
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4, 6, 7]
-    src = _source_records(export_render_run)
+    src = _source_records(small_render_run)
     for sample, record in zip(samples, records):
         key, frame = sample["__key__"], record["frame"]
         assert "." not in key
@@ -56,11 +56,11 @@ def test_round_trip_labels_and_images_equal_the_sources(gen_run, export_render_r
             "jpg", "json", "mesh.png", "local_mesh.png", "local.jpg"}
         assert sample["jpg"] == (gen_run / "images" / f"{key}.jpg").read_bytes()
         assert sample["local.jpg"] == (gen_run / "local" / f"{key}.jpg").read_bytes()
-        assert sample["mesh.png"] == (export_render_run / "global" / f"{frame}.png").read_bytes()
-        assert sample["local_mesh.png"] == (export_render_run / "local" / f"{frame}.png").read_bytes()
+        assert sample["mesh.png"] == (small_render_run / "global" / f"{frame}.png").read_bytes()
+        assert sample["local_mesh.png"] == (small_render_run / "local" / f"{frame}.png").read_bytes()
         label = json.loads(sample["json"])
         generation = label.pop("generation")
-        assert label == json.loads((export_render_run / "labels" / f"{frame}.json").read_text())
+        assert label == json.loads((small_render_run / "labels" / f"{frame}.json").read_text())
         img = label["original"]["image"]
         assert img in src["data"]["images"]
         assert label["original"]["annotations"] == [a for a in src["data"]["annotations"] if a["image_id"] == img["id"]]
@@ -152,10 +152,10 @@ def _lbs_joints(arrays: dict, pose: np.ndarray, betas: np.ndarray) -> np.ndarray
     return torch.cat([joints[0], tips])[MANO_TO_OPENPOSE].numpy()
 
 
-def test_hamer_layout_fields_shapes_and_geometry(tmp_path, export_render_run, mano_dir):
+def test_hamer_layout_fields_shapes_and_geometry(tmp_path, small_render_run, mano_dir):
     from handsynth.hand_model import load_mano_arrays, resolve_mano_dir
 
-    run = make_generate_run(tmp_path / "gen-h", export_render_run, 4, ext="png", size=(96, 80), local=False)
+    run = make_generate_run(tmp_path / "gen-h", small_render_run, 4, ext="png", size=(96, 80), local=False)
     export_run(run, tmp_path / "h", shard_size=10, layout="hamer")
     samples = _raw(tmp_path / "h" / "gen-h-000000.tar")
     assert len(samples) == 4
@@ -207,9 +207,9 @@ def test_verify_only_detects_a_damaged_shard(gen_run, tmp_path, capsys):
     assert "gen-a-000001.tar does not match its sha256" in err and "Traceback" not in err
 
 
-def test_defaults_pick_the_newest_generate_run(tmp_path, export_render_run, monkeypatch, capsys):
-    old = make_generate_run(tmp_path / "runs" / "old", export_render_run, 2)
-    new = make_generate_run(tmp_path / "runs" / "new", export_render_run, 3)
+def test_defaults_pick_the_newest_generate_run(tmp_path, small_render_run, monkeypatch, capsys):
+    old = make_generate_run(tmp_path / "runs" / "old", small_render_run, 2)
+    new = make_generate_run(tmp_path / "runs" / "new", small_render_run, 3)
     for run, created in ((old, "2025-01-01T00:00:00+00:00"), (new, "2025-02-01T00:00:00+00:00")):
         manifest = json.loads((run / "manifest.json").read_text())
         (run / "manifest.json").write_text(json.dumps({**manifest, "created": created}))
@@ -220,10 +220,10 @@ def test_defaults_pick_the_newest_generate_run(tmp_path, export_render_run, monk
     assert [len(_raw(p)) for p in sorted((tmp_path / "shards" / "new").glob("*.tar"))] == [3]
 
 
-def test_bad_input_gives_clear_errors(gen_run, export_render_run, tmp_path, capsys):
+def test_bad_input_gives_clear_errors(gen_run, small_render_run, tmp_path, capsys):
     cases = [
         (["--run", str(tmp_path / "nope")], 2, "does not exist"),
-        (["--run", str(export_render_run)], 2, "'render' stage, not 'generate'"),
+        (["--run", str(small_render_run)], 2, "'render' stage, not 'generate'"),
         (["--run", str(gen_run), "--format", "parquet"], 2, "unknown export format 'parquet'"),
         (["--run", str(gen_run), "--layout", "coco"], 2, "unknown shard layout"),
         (["--run", str(gen_run), "--out", str(gen_run / "manifest.json" / "x")], 4, "cannot write"),

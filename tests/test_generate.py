@@ -36,22 +36,22 @@ def frames_of(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_sd_dir, tiny_guidance_dir, gen_render_run, tmp_path_factory):
+def reference(tiny_sd_dir, tiny_guidance_dir, small_render_run, tmp_path_factory):
     """Samples 0..n_frames (one second variant) generated with batch size 1."""
     folder = tmp_path_factory.mktemp("gen-ref")
-    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {gen_render_run}\n")
-    count = len(frames_of(gen_render_run)) + 1
+    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {small_render_run}\n")
+    count = len(frames_of(small_render_run)) + 1
     code = main(["generate", "--recipe", str(recipe), "--device", "cpu", "--count", str(count),
                  "--batch-size", "1", "--out", str(folder / "out")])
     assert code == 0
     return {"recipe": recipe, "out": folder / "out", "count": count, "files": snapshot(folder / "out")}
 
 
-def test_samples_follow_the_plan(reference, gen_render_run, clip_tokenizer):
+def test_samples_follow_the_plan(reference, small_render_run, clip_tokenizer):
     from handsynth.prompts import PromptSampler, hand_token_indices, load_recipe
 
     recipe = load_recipe(reference["recipe"])
-    frames = frames_of(gen_render_run)
+    frames = frames_of(small_render_run)
     sampler = PromptSampler(recipe.prompts, recipe.seed)
     out = reference["out"]
     keys = []
@@ -80,8 +80,8 @@ def test_samples_follow_the_plan(reference, gen_render_run, clip_tokenizer):
     assert manifest["stage"] == "generate" and manifest["status"] == "complete"
     assert manifest["counts"] == {"requested": reference["count"], "done": reference["count"], "skipped": 0,
                                   "samples_in_out": reference["count"]}
-    assert manifest["inputs"]["kind"] == "run" and manifest["inputs"]["run"] == str(gen_render_run.resolve())
-    assert manifest["inputs"]["manifest_sha256"] == sha256_file(gen_render_run / "manifest.json")
+    assert manifest["inputs"]["kind"] == "run" and manifest["inputs"]["run"] == str(small_render_run.resolve())
+    assert manifest["inputs"]["manifest_sha256"] == sha256_file(small_render_run / "manifest.json")
     assert manifest["recipe"]["sha256"] == sha256_file(reference["recipe"])
     assert manifest["recipe"]["resolved"]["seed"] == 7 and manifest["precision"] == "fp32"
     assert manifest["device"] == "cpu" and "spawn_key=(i, 1)" in manifest["seeds"]
@@ -184,9 +184,9 @@ def bad_cases(tmp_path: Path, base: Path, guidance: Path, run: Path) -> dict[str
 
 @pytest.mark.parametrize("case", ["missing_run", "not_a_render_run", "not_a_run", "recipe_error",
                                   "missing_guidance", "unwritable_out"])
-def test_bad_input(case, earlier, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, gen_render_run):
+def test_bad_input(case, earlier, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, small_render_run):
     out, before = earlier
-    args, exit_code, fragments = bad_cases(tmp_path, tiny_sd_dir, tiny_guidance_dir, gen_render_run)[case]
+    args, exit_code, fragments = bad_cases(tmp_path, tiny_sd_dir, tiny_guidance_dir, small_render_run)[case]
     if "--out" not in args:  # fail into the finished run (a new folder where the model differs from its own)
         args += ["--out", str(tmp_path / "new-out" if case == "missing_guidance" else out)]
     code, text = gen(capsys, Path(args[0]), *args[1:])
@@ -223,10 +223,10 @@ def test_modalities_inputs(tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, cli
 
 
 def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny_sd_dir, tiny_guidance_dir,
-                                             gen_render_run):
+                                             small_render_run):
     monkeypatch.chdir(tmp_path)
     for name, created in (("new", "2030-01-01T00:00:00+00:00"), ("old", "2020-01-01T00:00:00+00:00")):
-        shutil.copytree(gen_render_run, tmp_path / "runs" / name)
+        shutil.copytree(small_render_run, tmp_path / "runs" / name)
         manifest = tmp_path / "runs" / name / "manifest.json"
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "created": created}))
     recipe = write_gen_recipe(tmp_path / "cfg", tiny_sd_dir, tiny_guidance_dir, name="outdoor.yaml")
