@@ -126,6 +126,23 @@ def new_manifest(stage: str, command: list[str] | None = None, **fields: Any) ->
     }
 
 
+def newest_run(stage: str, root: str | Path = "runs") -> Path | None:
+    """The run directory under ``root`` of ``stage`` whose manifest has the latest ``created`` time, or None.
+
+    How one stage finds the previous one's output by default; unreadable manifests are ignored.
+    """
+    best: tuple[datetime, Path] | None = None
+    for path in sorted(Path(root).glob(f"*/{MANIFEST}")):
+        try:
+            data = read_json(path)
+            created = datetime.fromisoformat(str(data["created"]))
+        except (InputError, KeyError, TypeError, ValueError):
+            continue
+        if data.get("stage") == stage and (best is None or created > best[0]):
+            best = (created, path.parent)
+    return best[1] if best else None
+
+
 def read_manifest(run_dir: str | Path, *, stage: str | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST

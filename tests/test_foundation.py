@@ -95,3 +95,17 @@ def test_cli_version_and_usage_errors(capsys):
     assert main(["--version"]) == 0
     assert "handsynth 0.1.0" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2
+
+
+def test_newest_run_picks_the_latest_manifest_of_a_stage(tmp_path):
+    from handsynth.io import newest_run
+
+    for name, stage, created in [("a", "render", "2026-01-02T00:00:00+00:00"),
+                                 ("b", "render", "2026-01-03T00:00:00+00:00"),
+                                 ("c", "generate", "2026-01-04T00:00:00+00:00")]:
+        write_json_atomic(tmp_path / name / "manifest.json", {"stage": stage, "created": created})
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text("{broken")
+    assert newest_run("render", tmp_path) == tmp_path / "b"
+    assert newest_run("generate", tmp_path) == tmp_path / "c"
+    assert newest_run("export", tmp_path) is None

@@ -38,7 +38,8 @@ def export(
 
     Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
     """
-    from handsynth.export.webdataset import export_run, newest_generate_run, verify_shards
+    from handsynth.export.webdataset import GENERATE_STAGE, export_run, verify_shards
+    from handsynth.io import newest_run
 
     if verify_only:
         if out is None:
@@ -46,7 +47,7 @@ def export(
         _print_verified(verify_shards(out))
         return
     if run is None:
-        run = newest_generate_run()
+        run = newest_run(GENERATE_STAGE)
         if run is None:
             raise InputError("no generate run given and ./runs/ holds none", where="--run",
                              fix="pass --run <generate run directory>, or run `handsynth generate` first")

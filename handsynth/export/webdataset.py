@@ -26,7 +26,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +91,6 @@ class VerifySummary:
 
 
 # --- reading a generate run -----------------------------------------------------------------
-
-def newest_generate_run(root: Path = Path("runs")) -> Path | None:
-    """The generate run under ``root`` whose manifest has the latest ``created`` time, or None."""
-    best: tuple[datetime, Path] | None = None
-    for path in sorted(root.glob(f"*/{io.MANIFEST}")):
-        try:
-            data = io.read_json(path)
-            created = datetime.fromisoformat(str(data["created"]))
-        except (InputError, KeyError, TypeError, ValueError):
-            continue
-        if data.get("stage") == GENERATE_STAGE and (best is None or created > best[0]):
-            best = (created, path.parent)
-    return best[1] if best else None
-
 
 def read_generate_run(run: Path) -> GenerateRun:
     """The complete samples of a generate run in index order; InputError when ``run`` is not one."""

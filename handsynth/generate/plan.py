@@ -121,21 +121,6 @@ class Plan:
 # --- finding and reading inputs --------------------------------------------------------------
 
 
-def newest_render_run(root: Path = Path("runs")) -> Path | None:
-    """The render run under ``root`` whose manifest has the latest ``created`` time (None if there is none)."""
-    best: tuple[str, Path] | None = None
-    for manifest in sorted(root.glob(f"*/{io.MANIFEST}")):
-        try:
-            data = io.read_json(manifest)
-        except InputError:
-            continue
-        if isinstance(data, dict) and data.get("stage") == RENDER_STAGE:
-            created = str(data.get("created", ""))
-            if best is None or created > best[0]:
-                best = (created, manifest.parent)
-    return best[1] if best else None
-
-
 def read_render_run(run: Path) -> Inputs:
     """The frames of a render run; InputError when it is missing, not a render run, or has no frames."""
     run = Path(run)
@@ -198,7 +183,7 @@ def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
         return read_render_run(recipe.inputs.run), None
     if recipe.inputs is not None and recipe.inputs.modalities is not None:
         return read_modalities_inputs(recipe.inputs.modalities, recipe.inputs.root), None
-    newest = newest_render_run()
+    newest = io.newest_run(RENDER_STAGE)
     if newest is None:
         raise InputError("no inputs: the recipe has no 'inputs' section, no --run was given and ./runs/ holds "
                          "no render run", where=recipe.path,
