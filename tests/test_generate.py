@@ -141,6 +141,21 @@ def test_resume_completes_only_missing_samples(reference, tmp_path, capsys):
             assert third[name][0] == value[0] and third[name][1] != value[1], name
         else:
             assert third[name] == value, name
+    # a lost image (its sample file kept) makes that sample pending again; stray temporaries go
+    lost = sorted((out / "images").glob("*.png"))[2]
+    lost.unlink()
+    strays = [out / ".manifest.json.0123456789abcdef.tmp", out / "images" / f".{lost.name}.0123456789abcdef.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"half a file")
+    code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--out", str(out), *one)
+    assert code == 0 and "generated 1 image(s)" in text, text
+    assert lost.read_bytes() == reference["files"][f"images/{lost.name}"][0]
+    assert not any(stray.exists() for stray in strays)
+    fourth = snapshot(out)
+    assert sorted(fourth) == sorted(reference["files"])
+    for name in ("samples/", "local/"):
+        name += f"{lost.stem}." + ("json" if name == "samples/" else "png")
+        assert fourth[name][0] == third[name][0], name
 
 
 def test_refuses_to_resume_a_different_plan(reference, tmp_path, capsys):
@@ -171,10 +186,22 @@ def bad_cases(tmp_path: Path, base: Path, guidance: Path, run: Path) -> dict[str
     recipe = write_gen_recipe(tmp_path / "ok", base, guidance)
     broken = write_gen_recipe(tmp_path / "broken", base, guidance, extra="sampler:\n  steps: 0\n")
     no_guidance = write_gen_recipe(tmp_path / "noguid", base, tmp_path / "no-such-guidance")
+    bad_line = tmp_path / "bad-line"
+    shutil.copytree(run, bad_line)
+    lines = (bad_line / "labels.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "images": "global.png"})
+    (bad_line / "labels.jsonl").write_text("\n".join(lines) + "\n")
+    not_object = tmp_path / "not-object"
+    shutil.copytree(run, not_object)
+    (not_object / "labels.jsonl").write_text("[1, 2]\n")
     return {
         "missing_run": ([str(recipe), "--run", str(tmp_path / "nope")], 2, ["does not exist", "--run"]),
         "not_a_render_run": ([str(recipe), "--run", str(not_render)], 2, ["'export' stage", "handsynth render"]),
         "not_a_run": ([str(recipe), "--run", str(tmp_path / "ok")], 2, ["no manifest.json"]),
+        "labels_line_images": ([str(recipe), "--run", str(bad_line)], 2,
+                               ["line 2 is not a render label", "'images'", "labels.jsonl"]),
+        "labels_line_not_object": ([str(recipe), "--run", str(not_object)], 2,
+                                   ["line 1 is not a render label", "not a JSON object"]),
         "recipe_error": ([str(broken), "--run", str(run)], 2, [str(broken), "line"]),
         "missing_guidance": ([str(no_guidance), "--run", str(run)], 3, ["no-such-guidance", "does not exist"]),
         "unwritable_out": ([str(recipe), "--run", str(run), "--out", str(blocker / "sub")], 4,
@@ -182,7 +209,8 @@ def bad_cases(tmp_path: Path, base: Path, guidance: Path, run: Path) -> dict[str
     }
 
 
-@pytest.mark.parametrize("case", ["missing_run", "not_a_render_run", "not_a_run", "recipe_error",
+@pytest.mark.parametrize("case", ["missing_run", "not_a_render_run", "not_a_run", "labels_line_images",
+                                  "labels_line_not_object", "recipe_error",
                                   "missing_guidance", "unwritable_out"])
 def test_bad_input(case, earlier, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, small_render_run):
     out, before = earlier

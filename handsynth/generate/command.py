@@ -35,7 +35,7 @@ def generate(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe YAML file, e.g. recipes/outdoor.yaml.",
                                          show_default=False)],
     count: Annotated[Optional[int], typer.Option(
-        "--count", "-n", min=0, help="Number of samples (default: one per input frame). Sample i uses frame "
+        "--count", "-n", min=1, help="Number of samples (default: one per input frame). Sample i uses frame "
                                      "i mod n_frames as variant i div n_frames.")] = None,
     start: Annotated[int, typer.Option("--start", min=0, help="First sample index (to split a run).")] = 0,
     run: Annotated[Optional[Path], typer.Option(
@@ -94,7 +94,9 @@ def generate(
             console.print(f"[dim]note: model.precision {precision} -> fp32 on the CPU[/dim]")
             precision = "fp32"
     print_defaults(defaults)
-    print_defaults({f"recipe {k}": v for k, v in loaded.defaults.items() if k not in _SHOWN_BY_COMMAND})
+    recipe_defaults = [f"{k}={v!r}" for k, v in loaded.defaults.items() if k not in _SHOWN_BY_COMMAND]
+    if recipe_defaults:
+        console.print(f"[dim]using recipe defaults: {', '.join(recipe_defaults)}[/dim]")
 
     model = {"base": loaded.model.base, "guidance": loaded.model.guidance,
              "guidance_files_sha256": runner.guidance_files(loaded.model.guidance),

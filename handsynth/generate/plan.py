@@ -24,7 +24,7 @@ import numpy as np
 
 from handsynth import io
 from handsynth.errors import InputError
-from handsynth.keys import sample_key
+from handsynth.keys import is_valid_key, sample_key
 from handsynth.prompts.spans import free_text_prompt, hand_token_indices
 from handsynth.prompts.templates import Prompt, PromptSampler
 
@@ -137,19 +137,15 @@ def read_render_run(run: Path) -> Inputs:
         if not line.strip():
             continue
         try:
-            label = json.loads(line)
-            key, images = label["key"], label["images"]
-            sides = [h["side"] for h in label["hands"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"line {number} is not a render label ({type(exc).__name__}: {exc})", where=jsonl,
+            key, mesh, local, sides = _label_line(line)
+        except ValueError as exc:
+            raise InputError(f"line {number} is not a render label: {exc}", where=jsonl,
                              fix="rerun `handsynth render` into a new --out") from None
         if not (run / "labels" / f"{key}.json").is_file():
             continue
-        local = images.get("local")
         local_path = run / local if local and (run / local).is_file() else None
-        frames.append(FrameInput(key=key, mesh=run / images["global"], mesh_ref=images["global"],
-                                 hands=hand_config(sides), local=local_path,
-                                 local_ref=local if local_path else None))
+        frames.append(FrameInput(key=key, mesh=run / mesh, mesh_ref=mesh, hands=hand_config(sides),
+                                 local=local_path, local_ref=local if local_path else None))
     if not frames:
         raise InputError("the render run has no rendered frames", where=run,
                          fix="render labels with at least one visible hand (`handsynth render --labels ...`)")
@@ -161,6 +157,26 @@ def read_render_run(run: Path) -> Inputs:
     return Inputs(kind="run", path=run.resolve(), frames=frames, sha256=io.sha256_file(jsonl),
                   record={"run": str(run.resolve()), "manifest_sha256": io.sha256_file(run / io.MANIFEST),
                           "labels_jsonl_sha256": io.sha256_file(jsonl), "frames": len(frames)})
+
+
+def _label_line(line: str) -> tuple[str, str, str | None, list[str]]:
+    """(key, global mesh image, local mesh image or None, hand sides) of one ``labels.jsonl`` line;
+    ValueError saying what is wrong when the line is no render label."""
+    label = json.loads(line)
+    if not isinstance(label, dict):
+        raise ValueError("not a JSON object")
+    key, images, hands = label.get("key"), label.get("images"), label.get("hands")
+    if not isinstance(key, str) or not is_valid_key(key):
+        raise ValueError(f"field 'key' is not a sample key: {key!r}")
+    if not isinstance(images, dict) or not isinstance(images.get("global"), str):
+        raise ValueError("field 'images' has no 'global' image path")
+    local = images.get("local")
+    if local is not None and not isinstance(local, str):
+        raise ValueError("field 'images.local' is not a path")
+    if not isinstance(hands, list) or not all(isinstance(h, dict) and h.get("side") in ("right", "left")
+                                              for h in hands):
+        raise ValueError("field 'hands' is not a list of hands with side 'right' or 'left'")
+    return key, images["global"], local, [h["side"] for h in hands]
 
 
 def read_modalities_inputs(path: Path, root: Path | None) -> Inputs:

@@ -6,12 +6,12 @@ Run directory (read by ``handsynth export``)::
                                  precision, device, seed rule, fingerprint, counts, status running|complete
     <out>/images/<skey>.<ext>    generated global image (recipe image.format / quality)
     <out>/local/<skey>.<ext>     generated local (hand crop) image, when the frame has a local mesh image
-    <out>/samples/<skey>.json    per sample, written LAST: its presence marks the sample complete
+    <out>/samples/<skey>.json    per sample, written LAST: marks the sample complete
 
-Every file is written atomically. A rerun skips samples whose ``samples/<skey>.json`` exists and never
-rewrites a finished file; it refuses an ``out`` made with another recipe, model or inputs (compared by
-the manifest's fingerprint). Images depend on (recipe, sample index) only - not on the batch size or on
-which samples ran before - for a given device and precision.
+Every file is written atomically. A rerun skips samples whose ``samples/<skey>.json`` and images
+exist and never rewrites a finished file; it refuses an ``out`` made with another recipe, model or
+inputs (compared by the manifest's fingerprint). Images depend on (recipe, sample index) only - not
+on the batch size or on which samples ran before - for a given device and precision.
 """
 
 from __future__ import annotations
@@ -94,9 +94,20 @@ def check_out_dir(out: Path, prints: dict[str, str]) -> bool:
 
 
 def _remove_stray_temporaries(out: Path) -> None:
-    for sub in SUBDIRS:
-        for p in (out / sub).glob(".*.tmp"):
+    """Delete the temporary files (``.<name>.<hex>.tmp``, see io.atomic_path) an interrupted run left."""
+    for folder in (out, *(out / sub for sub in SUBDIRS)):
+        for p in folder.glob(".*.tmp"):
             p.unlink(missing_ok=True)
+
+
+def is_complete(out: Path, plan: Plan, index: int, ext: str) -> bool:
+    """Whether sample ``index`` is finished in ``out``: its sample file and the images it lists exist
+    (an image lost after its sample file was written makes the sample pending again)."""
+    key = plan.key(index)
+    needed = [sample_path(out, key), out / "images" / f"{key}.{ext}"]
+    if plan.frames[index % len(plan.frames)].local is not None:
+        needed.append(out / "local" / f"{key}.{ext}")
+    return all(p.is_file() for p in needed)
 
 
 def encode_image(image, fmt: str, quality: int) -> bytes:
@@ -194,7 +205,7 @@ def run(recipe, inputs: Inputs, pipe, *, out: Path, start: int, count: int, batc
                    "samples": "samples/<key>.json"},
     }
     indices = range(start, start + count)
-    pending = [i for i in indices if not sample_path(out, plan.key(i)).exists()]
+    pending = [i for i in indices if not is_complete(out, plan, i, recipe.image.format)]
     skipped = count - len(pending)
     io.write_json_atomic(out / io.MANIFEST, io.new_manifest(
         STAGE, command, status="running", counts={"requested": count, "skipped": skipped}, **manifest))
