@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -235,3 +236,42 @@ def test_bad_input_gives_clear_errors(gen_run, small_render_run, tmp_path, capsy
         err = capsys.readouterr().err
         assert text in " ".join(err.split()) and "Traceback" not in err, (args, err)
     assert not (gen_run / "manifest.json").is_dir()
+
+
+def _first_sample(run: Path) -> Path:
+    return next(p for p in (run / "samples").glob("*.json") if json.loads(p.read_text())["index"] == 0)
+
+
+@pytest.mark.parametrize("case", ["sample_not_object", "sample_without_image", "image_missing", "image_unreadable",
+                                  "label_truncated", "label_without_fields"])
+def test_broken_run_files_give_clear_errors(case, small_render_run, tmp_path, capsys):
+    render = tmp_path / "render"
+    shutil.copytree(small_render_run, render)
+    run = make_generate_run(tmp_path / "gen", render, 4, local=False)
+    sample = _first_sample(run)
+    record = json.loads(sample.read_text())
+    image = run / record["outputs"]["image"]
+    label = render / "labels" / f"{record['frame']}.json"
+    if case == "sample_not_object":
+        sample.write_text("[1, 2]")
+        where, text = sample, "not a JSON object"
+    elif case == "sample_without_image":
+        sample.write_text(json.dumps({k: v for k, v in record.items() if k != "outputs"}))
+        where, text = sample, "field 'outputs.image'"
+    elif case == "image_missing":
+        image.unlink()
+        where, text = sample, "which does not exist"
+    elif case == "image_unreadable":
+        image.write_bytes(b"not an image")
+        where, text = image, "cannot be read"
+    elif case == "label_truncated":
+        label.write_text(label.read_text()[:100])
+        where, text = label, "not valid JSON"
+    else:
+        label.write_text(json.dumps({"images": 3}))
+        where, text = label, "lacks a field export needs"
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "shards")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert text in err and str(where) in err and "Traceback" not in err, err
+    assert not list((tmp_path / "shards").glob("*.tar")) and not list((tmp_path / "shards").glob(".*.tmp"))

@@ -100,25 +100,8 @@ def read_generate_run(run: Path) -> GenerateRun:
                          fix="pass --run with a directory written by `handsynth generate`, or run it first")
     manifest = io.read_manifest(run, stage=GENERATE_STAGE)
     render_run = _render_run_of(run, manifest)
-    samples, keys_seen = [], set()
-    for path in sorted((run / "samples").glob("*.json")):
-        record = io.read_json(path, what="sample file")
-        key = path.stem
-        try:
-            index = int(record["index"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError("the sample file has no integer 'index'", where=f"{path}, field 'index'",
-                             fix="rerun `handsynth generate` into a new --out") from None
-        if not is_valid_key(key):
-            raise InputError(f"sample key '{key}' is not a valid key (lowercase letters, digits, '_', '-')",
-                             where=path, fix="do not rename files inside a generate run")
-        frame = record.get("frame") if isinstance(record.get("frame"), str) else key.rsplit("_v", 1)[0]
-        image = _one_image(run / "images", key)
-        if image is None:
-            raise InputError("the sample file exists but its generated image does not", where=path,
-                             fix="rerun the same `handsynth generate` command to complete the run")
-        samples.append(Sample(key, index, frame, path, image, _one_image(run / "local", key)))
-        keys_seen.add(key)
+    samples = [_read_sample(run, path) for path in sorted((run / "samples").glob("*.json"))]
+    keys_seen = {s.key for s in samples}
     samples.sort(key=lambda s: s.index)
     incomplete = len({p.stem for p in (run / "images").glob("*.*")
                       if p.suffix[1:] in IMAGE_EXTS} - keys_seen)
@@ -138,9 +121,41 @@ def _render_run_of(run: Path, manifest: dict[str, Any]) -> Path:
     return render_run
 
 
-def _one_image(folder: Path, key: str) -> Path | None:
-    found = [folder / f"{key}.{ext}" for ext in IMAGE_EXTS if (folder / f"{key}.{ext}").is_file()]
-    return found[0] if found else None
+def _read_sample(run: Path, path: Path) -> Sample:
+    """A sample file (``samples/<key>.json``) as a :class:`Sample`; InputError naming the field that does
+    not follow the generate contract, or the listed output that is missing."""
+    record = io.read_json(path, what="sample file")
+    key, redo = path.stem, "rerun `handsynth generate` into a new --out"
+    if not isinstance(record, dict):
+        raise InputError("the sample file is not a JSON object", where=path, fix=redo)
+    if not is_valid_key(key) or record.get("key") != key:
+        raise InputError(f"the sample file's name '{key}' is not its valid sample key {record.get('key')!r}",
+                         where=f"{path}, field 'key'", fix="do not rename files inside a generate run")
+    index, frame, outputs = record.get("index"), record.get("frame"), record.get("outputs")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise InputError("the sample file has no sample index (an integer >= 0)", where=f"{path}, field 'index'",
+                         fix=redo)
+    if not isinstance(frame, str) or not is_valid_key(frame):
+        raise InputError("the sample file names no frame key", where=f"{path}, field 'frame'", fix=redo)
+    if not isinstance(outputs, dict) or not isinstance(outputs.get("image"), str):
+        raise InputError("the sample file lists no generated image", where=f"{path}, field 'outputs.image'",
+                         fix=redo)
+    found = {}
+    for name in ("image", "local"):
+        rel = outputs.get(name)
+        if rel is None:
+            continue
+        file = run / str(rel)
+        if not (file.suffix[1:] in IMAGE_EXTS and file.resolve().is_relative_to(run.resolve())):
+            raise InputError(f"the sample file lists '{rel}', which is no jpg/png image inside the run",
+                             where=f"{path}, field 'outputs.{name}'", fix=redo)
+        if not file.is_file():
+            raise InputError(f"the sample file lists the generated image '{rel}', which does not exist",
+                             where=f"{path}, field 'outputs.{name}'",
+                             fix="rerun the same `handsynth generate` command: it redoes samples whose images "
+                                 "are missing")
+        found[name] = file
+    return Sample(key, index, frame, path, found["image"], found.get("local"))
 
 
 # --- one sample -----------------------------------------------------------------------------
@@ -168,14 +183,27 @@ class RecordBuilder:
     def __call__(self, sample: Sample) -> dict[str, bytes]:
         from PIL import Image
 
+        label_path = self.source.render_run / "labels" / f"{sample.frame}.json"
+        label = io.read_json(label_path, what="render label")
+        try:
+            with Image.open(sample.image) as img:
+                size = img.size
+        except OSError as exc:
+            raise InputError(f"the generated image cannot be read: {exc}", where=sample.image,
+                             fix="delete it and rerun the same `handsynth generate` command (it redoes samples "
+                                 "whose images are missing)") from None
+        try:
+            return self._members(sample, label, size)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"the render label of frame {sample.frame} lacks a field export needs or has a "
+                             f"malformed one ({type(exc).__name__}: {exc})", where=label_path,
+                             fix="rerun `handsynth render` into a new --out and generate from it") from None
+
+    def _members(self, sample: Sample, label: dict[str, Any], size: tuple[int, int]) -> dict[str, bytes]:
         render = self.source.render_run
-        label = json.loads(self.label_bytes(sample))
-        image = sample.image.read_bytes()
-        with Image.open(sample.image) as img:
-            size = img.size
         generation = {**io.read_json(sample.record_path, what="sample file"), **self.extra,
                       "image_size": list(size)}
-        members = {sample.image.suffix[1:]: image,
+        members = {sample.image.suffix[1:]: sample.image.read_bytes(),
                    "json": json.dumps({**label, "generation": generation}, allow_nan=False).encode()}
         if self.layout == "hamer":
             from handsynth.export.hamer import encode_pyd, hamer_hands
