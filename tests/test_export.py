@@ -218,6 +218,7 @@ def test_defaults_pick_the_newest_generate_run(tmp_path, small_render_run, monke
     assert main(["export", "--format", "webdataset"]) == 0
     captured = capsys.readouterr()
     assert "runs/new" in captured.err and "shards/new" in captured.err
+    assert "using default --shard-size = 1000" in captured.err and "using default --layout = handsynth" in captured.err
     assert [len(_raw(p)) for p in sorted((tmp_path / "shards" / "new").glob("*.tar"))] == [3]
 
 

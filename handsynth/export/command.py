@@ -10,6 +10,8 @@ import typer
 from handsynth.console import console, print_defaults, stdout
 from handsynth.errors import InputError
 
+DEFAULT_SHARD_SIZE = 1000   # HaMeR's shards hold about 1000 samples
+
 
 def export(
     format: Annotated[str, typer.Option(
@@ -19,11 +21,12 @@ def export(
     out: Annotated[Optional[Path], typer.Option(
         help="Folder for the shards and index.json (default: shards/<run name>). Rerunning the same command "
              "keeps complete shards and rewrites the rest.")] = None,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
-    layout: Annotated[str, typer.Option(
-        help="'handsynth': image + mesh images + label JSON (safe to read). 'hamer': image + data.pyd as "
-             "HaMeR's tar loader expects, plus the label JSON; data.pyd is a pickle - never read pickles "
-             "from strangers.")] = "handsynth",
+    shard_size: Annotated[Optional[int], typer.Option(
+        help="Samples per shard (default: 1000).", show_default=False)] = None,
+    layout: Annotated[Optional[str], typer.Option(
+        help="'handsynth' (default): image + mesh images + label JSON (safe to read). 'hamer': image + data.pyd "
+             "as HaMeR's tar loader expects, plus the label JSON; data.pyd is a pickle - never read pickles "
+             "from strangers.", show_default=False)] = None,
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify", help="Read every shard back with webdataset after writing and check it.")] = True,
     verify_only: Annotated[bool, typer.Option(
@@ -46,15 +49,20 @@ def export(
             raise InputError("--verify-only needs the shard folder", where="--out", fix="pass --out shards/<name>")
         _print_verified(verify_shards(out))
         return
+    defaults: dict[str, object] = {}
     if run is None:
         run = newest_run(GENERATE_STAGE)
         if run is None:
             raise InputError("no generate run given and ./runs/ holds none", where="--run",
                              fix="pass --run <generate run directory>, or run `handsynth generate` first")
-        print_defaults({"--run": run})
+        defaults["--run"] = run
     if out is None:
-        out = Path("shards") / run.name
-        print_defaults({"--out": out})
+        out = defaults["--out"] = Path("shards") / run.name
+    if shard_size is None:
+        shard_size = defaults["--shard-size"] = DEFAULT_SHARD_SIZE
+    if layout is None:
+        layout = defaults["--layout"] = "handsynth"
+    print_defaults(defaults)
     summary = export_run(run, out, format=format, shard_size=shard_size, layout=layout, overwrite=overwrite,
                          verify=verify, mano_dir=mano_dir)
     stdout.print(
