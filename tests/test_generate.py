@@ -262,6 +262,7 @@ def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny
     assert code == 0, text
     assert "using default --run = newest render run under runs/: runs/new" in text
     assert "using default --out = runs/outdoor-gen" in text and "using default --batch-size = 2" in text
+    assert "using recipe defaults: sampler.scheduler='ddim', sampler.guidance_scale=" in text
     manifest = json.loads((tmp_path / "runs" / "outdoor-gen" / "manifest.json").read_text())
     assert manifest["inputs"]["run"] == str((tmp_path / "runs" / "new").resolve())
     assert len(list((tmp_path / "runs" / "outdoor-gen" / "images").glob("*.png"))) == 1
