@@ -61,6 +61,9 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = 2) -> 
 def ensure_writable_dir(path: str | Path, *, what: str = "output directory") -> Path:
     """Create ``path`` if needed and check that files can be created in it."""
     path = Path(path)
+    if path.is_file():
+        raise OutputError(f"the {what} is a file, not a folder", where=path,
+                          fix="choose another --out, or move the file away")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):

@@ -79,6 +79,8 @@ def test_unwritable_path_is_output_error(tmp_path):
     with pytest.raises(OutputError) as err:
         ensure_writable_dir(blocker / "out")
     assert "--out" in err.value.message
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        ensure_writable_dir(blocker)
 
 
 def test_manifest_roundtrip_and_stage_check(tmp_path):

@@ -109,6 +109,11 @@ def load_pipeline(base: str | Path = DEFAULT_BASE_MODEL, guidance: str | Path | 
     from handsynth.attentionhand.guidance import build_guidance_module, freeze
     from handsynth.attentionhand.pipeline import AttentionHandPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()      # handsynth shows its own progress; weight-loading bars are noise
+    transformers_logging.disable_progress_bar()
     dtype = resolve_dtype(dtype)
     _check_scheduler(scheduler)
     controlnet = None if guidance is None else load_guidance_module(guidance, dtype=dtype)
