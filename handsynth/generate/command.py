@@ -45,16 +45,17 @@ def generate(
         "--out", help="Run directory to write (default: the recipe's output, else runs/<recipe name>-gen). "
                       "Rerunning into it resumes: finished samples are kept.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", min=1, help="Images per diffusion batch (default: the recipe's batch_size); the images "
-                                    "do not depend on it.")] = None,
+        "--batch-size", min=1, help="Images per diffusion batch (default: the recipe's batch_size). Frames, "
+                                    "prompts and seeds do not depend on it; pixels may differ by float rounding "
+                                    "across batch sizes (use 1 for bit-exact audits).")] = None,
     device: Annotated[Optional[str], typer.Option(
         "--device", help="torch device (default: cuda when available, else cpu - for tiny/test models "
                          "only).")] = None,
 ) -> None:
     """Generate images for sample indices START..START+COUNT-1 of a recipe, resumably.
 
-    Each sample is a pure function of the recipe and its index (frame, prompt, noise seed), so any
-    batch size or restart gives the same images on the same device and precision. Writes
+    Each sample's frame, prompt and noise seed are a pure function of the recipe and its index, so
+    runs can be split (--start/--count), resumed and audited. Writes
     images/<key>, local/<key> (hand crops, when the render run has local mesh images) and
     samples/<key>.json (written last) plus manifest.json into --out.
     """

@@ -10,8 +10,10 @@ Run directory (read by ``handsynth export``)::
 
 Every file is written atomically. A rerun skips samples whose ``samples/<skey>.json`` and images
 exist and never rewrites a finished file; it refuses an ``out`` made with another recipe, model or
-inputs (compared by the manifest's fingerprint). Images depend on (recipe, sample index) only - not
-on the batch size or on which samples ran before - for a given device and precision.
+inputs (compared by the manifest's fingerprint). What a sample is - frame, prompt, hand tokens, noise
+seeds - depends on (recipe, sample index) only. Its pixels can still differ by float rounding when it
+shares a batch with other samples or sits at another batch position (kernels round per batch shape):
+reruns with the same batches are byte-exact, and ``--batch-size 1`` is exact whatever ran before.
 """
 
 from __future__ import annotations
