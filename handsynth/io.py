@@ -147,7 +147,11 @@ def newest_run(stage: str, root: str | Path = "runs") -> Path | None:
 
 
 def read_manifest(run_dir: str | Path, *, stage: str | None = None) -> dict[str, Any]:
+    """The manifest of a run directory; with ``stage``, InputError unless that stage wrote it."""
     run_dir = Path(run_dir)
+    if stage is not None and not run_dir.is_dir():
+        raise InputError(f"the {stage} run directory '{run_dir}' does not exist", where=run_dir,
+                         fix=f"pass --run with a directory written by `handsynth {stage}`, or run it first")
     path = run_dir / MANIFEST
     if not path.exists():
         raise InputError(

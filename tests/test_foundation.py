@@ -91,6 +91,8 @@ def test_manifest_roundtrip_and_stage_check(tmp_path):
         read_manifest(tmp_path, stage="generate")
     with pytest.raises(InputError, match="not a handsynth run directory"):
         read_manifest(tmp_path / "nope")
+    with pytest.raises(InputError, match="the render run directory .* does not exist"):
+        read_manifest(tmp_path / "nope", stage="render")
 
 
 def test_cli_version_and_usage_errors(capsys):

@@ -95,9 +95,6 @@ class VerifySummary:
 def read_generate_run(run: Path) -> GenerateRun:
     """The complete samples of a generate run in index order; InputError when ``run`` is not one."""
     run = Path(run)
-    if not run.is_dir():
-        raise InputError(f"the generate run directory '{run}' does not exist", where=run,
-                         fix="pass --run with a directory written by `handsynth generate`, or run it first")
     manifest = io.read_manifest(run, stage=GENERATE_STAGE)
     render_run = _render_run_of(run, manifest)
     samples = [_read_sample(run, path) for path in sorted((run / "samples").glob("*.json"))]

@@ -124,9 +124,6 @@ class Plan:
 def read_render_run(run: Path) -> Inputs:
     """The frames of a render run; InputError when it is missing, not a render run, or has no frames."""
     run = Path(run)
-    if not run.is_dir():
-        raise InputError(f"the render run directory '{run}' does not exist", where=run,
-                         fix="pass --run with a directory written by `handsynth render`, or run it first")
     manifest = io.read_manifest(run, stage=RENDER_STAGE)
     jsonl = run / "labels.jsonl"
     if not jsonl.is_file():
