@@ -14,7 +14,13 @@ from rich.markup import escape
 
 from handsynth import __version__
 from handsynth.console import console
+from handsynth.attentionhand.convert_command import convert
+from handsynth.doctor import doctor
 from handsynth.errors import HandsynthError
+from handsynth.export.command import export
+from handsynth.generate.command import generate
+from handsynth.prompts.command import prompts
+from handsynth.render.command import render
 
 app = typer.Typer(
     name="handsynth",
@@ -28,9 +34,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": False}
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"handsynth {__version__}")
@@ -43,24 +46,16 @@ def _root(
                                                     help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    """Global options; --debug is read by main() before the app runs."""
 
 
-# --- commands: each lives beside the stage it drives ---------------------------------------
-from handsynth.doctor import doctor  # noqa: E402
-
-app.command("doctor")(doctor)
-# (further stage commands are registered below, one line each)
-from handsynth.render.command import render  # noqa: E402
+# --- commands, in pipeline order; each lives beside the stage it drives -------------------------
 app.command("render")(render)
-from handsynth.attentionhand.convert_command import convert  # noqa: E402
-app.command("convert")(convert)
-from handsynth.prompts.command import prompts  # noqa: E402
 app.command("prompts")(prompts)
-from handsynth.export.command import export  # noqa: E402
-app.command("export")(export)
-from handsynth.generate.command import generate  # noqa: E402
 app.command("generate")(generate)
+app.command("export")(export)
+app.command("convert")(convert)
+app.command("doctor")(doctor)
 
 
 def main(argv: list[str] | None = None) -> int:
