@@ -13,10 +13,7 @@ import pytest
 from handsynth.cli import main
 from handsynth.prompts import HAND_CONFIGS, PromptSampler, hand_token_indices, lexicon_spans, load_recipe
 from handsynth.prompts.templates import needs_an, tidy
-from tests.conftest import SHARED
-
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+from tests.conftest import SHARED, SHIPPED_RECIPES
 
 WEIGHTED = """\
 seed: 11
@@ -115,7 +112,7 @@ def test_tidy_keeps_spans_aligned():
     assert needs_an("hour") and needs_an("11-year-old") and not needs_an("European") and not needs_an("one-armed")
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_give_hand_tokens_for_every_configuration(path, clip_tokenizer):
     recipe = load_recipe(path)
     sampler = PromptSampler(recipe.prompts, recipe.seed)

@@ -10,11 +10,8 @@ import pytest
 from handsynth.cli import main
 from handsynth.errors import InputError
 from handsynth.prompts import load_recipe
-from tests.conftest import SHARED
+from tests.conftest import SHARED, SHIPPED_RECIPES
 from tests.fixtures.generate import write_gen_recipe
-
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
 MINIMAL = """\
 seed: 3
@@ -77,7 +74,7 @@ def test_modalities_inputs_need_no_prompts(tmp_path):
     assert r.prompts is None and r.inputs.modalities == sample and r.inputs.root is None
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     r = load_recipe(path)
     assert r.prompts is not None and r.inputs is None
