@@ -183,7 +183,10 @@ def test_unknown_resolution_is_reported(pipe, inputs):
 
 
 def test_fp16_gradient_is_loss_scaled_and_follows_fp32(pipe, inputs):
-    """Unscaled, about 2% of the tiny model's float16 latent gradients flush to zero (cosine to fp32 ~0.996)."""
+    """Unscaled, about 2% of the tiny model's float16 latent gradients flush to zero (cosine to fp32 ~0.996).
+
+    Kernels round float16 differently across CPUs (AVX-512 FP16 or not), so the test bounds the share of
+    zeros (under 0.1%, twenty times below the unscaled share) instead of asking for none."""
     import copy
 
     latents, text, mesh, t = inputs
@@ -201,7 +204,8 @@ def test_fp16_gradient_is_loss_scaled_and_follows_fp32(pipe, inputs):
     with torch.no_grad(), tas_processors(unet16, store):
         loss16, grad16 = tas_gradient(latents.half(), forward16, store, TOKENS, rows)
     assert grad16.dtype == torch.float32
-    assert (grad32 != 0).all() and (grad16 != 0).all()
+    assert (grad32 == 0).float().mean() < 1e-3
+    assert (grad16 == 0).float().mean() < 1e-3, (grad16 == 0).float().mean()
     torch.testing.assert_close(loss16, loss32, atol=2e-3, rtol=0)
     cosine = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
     assert cosine > 0.9999, cosine
