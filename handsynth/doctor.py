@@ -10,9 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from handsynth.console import stdout
-from handsynth.hub import local_files_only, looks_like_path
-
-DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from handsynth.hub import DEFAULT_BASE_MODEL, local_files_only, looks_like_path
 
 
 @dataclass

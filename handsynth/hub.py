@@ -14,6 +14,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+# The Stable Diffusion 1.5 weights AttentionHand builds on (recipes' model.base default).
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
 
 def looks_like_path(model: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else (absolute, ./, ~, deeper paths) is a folder."""

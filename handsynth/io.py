@@ -1,4 +1,4 @@
-"""Atomic file writes and run manifests.
+"""Atomic file writes and JSON reading (run directories themselves: :mod:`handsynth.rundir`).
 
 Every file a stage writes goes to a temporary name in the same directory and is renamed into
 place, so a crash never leaves a half-written file that a reader would take for whole.
@@ -10,18 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import secrets
-import sys
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from handsynth.errors import InputError, OutputError
-
-MANIFEST = "manifest.json"
 
 
 @contextlib.contextmanager
@@ -103,67 +98,3 @@ def read_json(path: str | Path, *, what: str = "JSON file") -> Any:
             where=path,
             fix="repair or regenerate the file (a truncated download is a common cause)",
         ) from None
-
-
-def environment_versions() -> dict[str, str]:
-    """Versions of the packages that decide a run's output, for manifests."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("handsynth", "torch", "diffusers", "transformers", "numpy", "pyrender",
-                 "trimesh", "smplx", "webdataset"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
-def new_manifest(stage: str, command: list[str] | None = None, **fields: Any) -> dict[str, Any]:
-    return {
-        "stage": stage,
-        "command": command if command is not None else sys.argv,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": environment_versions(),
-        **fields,
-    }
-
-
-def newest_run(stage: str, root: str | Path = "runs") -> Path | None:
-    """The run directory under ``root`` of ``stage`` whose manifest has the latest ``created`` time, or None.
-
-    How one stage finds the previous one's output by default; unreadable manifests are ignored.
-    """
-    best: tuple[datetime, Path] | None = None
-    for path in sorted(Path(root).glob(f"*/{MANIFEST}")):
-        try:
-            data = read_json(path)
-            created = datetime.fromisoformat(str(data["created"]))
-        except (InputError, KeyError, TypeError, ValueError):
-            continue
-        if data.get("stage") == stage and (best is None or created > best[0]):
-            best = (created, path.parent)
-    return best[1] if best else None
-
-
-def read_manifest(run_dir: str | Path, *, stage: str | None = None) -> dict[str, Any]:
-    """The manifest of a run directory; with ``stage``, InputError unless that stage wrote it."""
-    run_dir = Path(run_dir)
-    if stage is not None and not run_dir.is_dir():
-        raise InputError(f"the {stage} run directory '{run_dir}' does not exist", where=run_dir,
-                         fix=f"pass --run with a directory written by `handsynth {stage}`, or run it first")
-    path = run_dir / MANIFEST
-    if not path.exists():
-        raise InputError(
-            f"{run_dir} is not a handsynth run directory: it has no {MANIFEST}",
-            where=run_dir,
-            fix="point to the directory a previous handsynth stage wrote (its --out)",
-        )
-    manifest = read_json(path, what="run manifest")
-    if stage is not None and manifest.get("stage") != stage:
-        raise InputError(
-            f"{run_dir} holds the output of the '{manifest.get('stage')}' stage, not '{stage}'",
-            where=path,
-            fix=f"point to a directory written by 'handsynth {stage}'",
-        )
-    return manifest

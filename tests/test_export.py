@@ -264,7 +264,7 @@ def test_broken_run_files_give_clear_errors(case, small_render_run, tmp_path, ca
         where, text = sample, "which does not exist"
     elif case == "image_unreadable":
         image.write_bytes(b"not an image")
-        where, text = image, "cannot be read"
+        where, text = image, "does not match the sha256 recorded"
     elif case == "label_truncated":
         label.write_text(label.read_text()[:100])
         where, text = label, "not valid JSON"

@@ -6,8 +6,8 @@ import pytest
 from handsynth import keys
 from handsynth.cli import main
 from handsynth.errors import InputError, OutputError
-from handsynth.io import (atomic_path, ensure_writable_dir, new_manifest, read_json, read_manifest,
-                          write_json_atomic)
+from handsynth.io import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from handsynth.rundir import new_manifest, read_manifest
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -102,7 +102,7 @@ def test_cli_version_and_usage_errors(capsys):
 
 
 def test_newest_run_picks_the_latest_manifest_of_a_stage(tmp_path):
-    from handsynth.io import newest_run
+    from handsynth.rundir import newest_run
 
     for name, stage, created in [("a", "render", "2026-01-02T00:00:00+00:00"),
                                  ("b", "render", "2026-01-03T00:00:00+00:00"),

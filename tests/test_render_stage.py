@@ -22,7 +22,7 @@ KEYS = ["ih_3_400026_69148", "ih_2_400012_44669", "ih_7_410053_29590", "ih_4_410
 def _files(out: Path) -> dict[str, bytes]:
     """Every output file except the manifest (which records times), by relative path."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name not in ("manifest.json", ".handsynth.lock")}
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, str]]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from handsynth.errors import InputError, MissingResourceError, OutputError
+from handsynth.hub import DEFAULT_BASE_MODEL
 from handsynth.io import ensure_writable_dir, sha256_file, write_json_atomic
 
 GUIDANCE = "controlnet"
@@ -509,8 +510,6 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
     """
     ckpt, out = Path(ckpt), Path(out)
     if full and base is None:
-        from handsynth.doctor import DEFAULT_BASE_MODEL
-
         base = DEFAULT_BASE_MODEL
     if out.exists() and not overwrite:
         raise OutputError("the output folder already exists", where=out, fix="pass --overwrite or another --out")

@@ -35,7 +35,7 @@ def convert(
     OUT/conversion_report.json (every source key: converted, ignored with reason, or unused).
     """
     from handsynth.attentionhand.convert import REPORT, convert_checkpoint
-    from handsynth.doctor import DEFAULT_BASE_MODEL
+    from handsynth.hub import DEFAULT_BASE_MODEL
 
     defaults: dict[str, object] = {}
     if out is None:

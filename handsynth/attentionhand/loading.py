@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from handsynth.console import console
-from handsynth.doctor import DEFAULT_BASE_MODEL
 from handsynth.errors import MissingResourceError
-from handsynth.hub import local_files_only, looks_like_path
+from handsynth.hub import DEFAULT_BASE_MODEL, local_files_only, looks_like_path
 from handsynth.tokenizer import load_clip_tokenizer
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -32,7 +32,8 @@ def export(
     verify_only: Annotated[bool, typer.Option(
         "--verify-only", help="Only check the shards already in --out (needs --out).")] = False,
     overwrite: Annotated[bool, typer.Option(
-        help="Replace shards in --out that were exported from other inputs or with other settings.")] = False,
+        help="Replace an earlier export in --out made from other inputs or with other settings (only a folder "
+             "holding an export: index.json, shards; anything else is refused).")] = False,
     mano_dir: Annotated[Optional[Path], typer.Option(
         envvar="HANDSYNTH_MANO_DIR",
         help="MANO files (hamer layout only; default: the folder the render run used).")] = None,
@@ -42,7 +43,7 @@ def export(
     Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
     """
     from handsynth.export.webdataset import GENERATE_STAGE, export_run, verify_shards
-    from handsynth.io import newest_run
+    from handsynth.rundir import newest_run
 
     if verify_only:
         if out is None:

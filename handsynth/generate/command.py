@@ -62,7 +62,6 @@ def generate(
     from handsynth.attentionhand.loading import load_pipeline
     from handsynth.generate import runner
     from handsynth.generate.plan import find_inputs
-    from handsynth.io import ensure_writable_dir
     from handsynth.prompts.recipe import check_tas_resolution, load_recipe
 
     loaded = load_recipe(recipe)
@@ -103,12 +102,11 @@ def generate(
              "guidance_files_sha256": runner.guidance_files(loaded.model.guidance),
              "scheduler": loaded.sampler.scheduler}
     prints = runner.fingerprint(loaded, inputs, model, precision)
-    resuming = runner.check_out_dir(Path(out), prints)
-    ensure_writable_dir(out)
+    runner.check_out_dir(Path(out), prints)       # before the slow model load; nothing is created yet
     pipe = load_pipeline(loaded.model.base, loaded.model.guidance, dtype=precision, device=device,
                          scheduler=loaded.sampler.scheduler)
     check_tas_resolution(loaded, pipe.vae_scale_factor)
     summary = runner.run(loaded, inputs, pipe, out=Path(out), start=start, count=count, batch_size=batch_size,
-                         device=device, precision=precision, model=model, resuming=resuming, prints=prints)
+                         device=device, precision=precision, model=model, prints=prints)
     stdout.print(f"generated {summary.done} image(s), {summary.skipped} already done, into {summary.out} "
                  f"in {summary.elapsed_s:.1f} s")

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from handsynth import io
+from handsynth import io, rundir
 from handsynth.errors import InputError
 from handsynth.keys import is_valid_key, sample_key
 from handsynth.prompts.spans import free_text_prompt, hand_token_indices
 from handsynth.prompts.templates import Prompt, PromptSampler
+from handsynth.render import layout as render_layout
 
-RENDER_STAGE = "render"
 GLOBAL_STREAM, LOCAL_STREAM = 1, 2
 SEED_RULE = ("noise seed of sample i: numpy SeedSequence(entropy=recipe.seed, spawn_key=(i, 1)) "
              "-> generate_state(1, uint64)[0] & (2**63 - 1) -> torch.Generator(device).manual_seed; local image: "
@@ -124,8 +124,8 @@ class Plan:
 def read_render_run(run: Path) -> Inputs:
     """The frames of a render run; InputError when it is missing, not a render run, or has no frames."""
     run = Path(run)
-    manifest = io.read_manifest(run, stage=RENDER_STAGE)
-    jsonl = run / "labels.jsonl"
+    manifest = render_layout.read_manifest(run)
+    jsonl = render_layout.jsonl_path(run)
     if not jsonl.is_file():
         raise InputError("the render run has no labels.jsonl (it was interrupted before its end)", where=run,
                          fix="rerun the same `handsynth render` command to finish it")
@@ -138,7 +138,7 @@ def read_render_run(run: Path) -> Inputs:
         except ValueError as exc:
             raise InputError(f"line {number} is not a render label: {exc}", where=jsonl,
                              fix="rerun `handsynth render` into a new --out") from None
-        if not (run / "labels" / f"{key}.json").is_file():
+        if not render_layout.label_path(run, key).is_file():
             continue
         local_path = run / local if local and (run / local).is_file() else None
         frames.append(FrameInput(key=key, mesh=run / mesh, mesh_ref=mesh, hands=hand_config(sides),
@@ -146,13 +146,13 @@ def read_render_run(run: Path) -> Inputs:
     if not frames:
         raise InputError("the render run has no rendered frames", where=run,
                          fix="render labels with at least one visible hand (`handsynth render --labels ...`)")
-    if manifest.get("status") != "complete":
+    if manifest.get("status") != rundir.COMPLETE:
         from handsynth.console import console
 
-        console.print(f"[yellow]warning:[/yellow] the render run {run} is not complete (status "
-                      f"{manifest.get('status')!r}); using its {len(frames)} finished frames")
+        console.print(f"[yellow]warning:[/yellow] the render run {run} is not complete: it "
+                      f"{rundir.describe_status(run, manifest)}); using its {len(frames)} finished frames")
     return Inputs(kind="run", path=run.resolve(), frames=frames, sha256=io.sha256_file(jsonl),
-                  record={"run": str(run.resolve()), "manifest_sha256": io.sha256_file(run / io.MANIFEST),
+                  record={"run": str(run.resolve()), "manifest_sha256": io.sha256_file(run / rundir.MANIFEST),
                           "labels_jsonl_sha256": io.sha256_file(jsonl), "frames": len(frames)})
 
 
@@ -196,7 +196,7 @@ def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
         return read_render_run(recipe.inputs.run), None
     if recipe.inputs is not None and recipe.inputs.modalities is not None:
         return read_modalities_inputs(recipe.inputs.modalities, recipe.inputs.root), None
-    newest = io.newest_run(RENDER_STAGE)
+    newest = rundir.newest_run(render_layout.STAGE)
     if newest is None:
         raise InputError("no inputs: the recipe has no 'inputs' section, no --run was given and ./runs/ holds "
                          "no render run", where=recipe.path,

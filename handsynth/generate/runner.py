@@ -1,19 +1,18 @@
 """The local runner: generate samples ``[start, start + count)`` of a recipe into a run directory.
 
-Run directory (read by ``handsynth export``)::
+The run directory's layout is :mod:`handsynth.generate.layout`; :mod:`handsynth.rundir` locks it,
+refuses an ``out`` made with another recipe, model or inputs (compared by the manifest's
+fingerprint) and records how the run ended. Every file is written atomically; a finished file is
+never rewritten.
 
-    <out>/manifest.json          stage "generate": command, recipe (path, sha256, resolved), inputs, model,
-                                 precision, device, seed rule, fingerprint, counts, status running|complete
-    <out>/images/<skey>.<ext>    generated global image (recipe image.format / quality)
-    <out>/local/<skey>.<ext>     generated local (hand crop) image, when the frame has a local mesh image
-    <out>/samples/<skey>.json    per sample, written LAST: marks the sample complete
-
-Every file is written atomically. A rerun skips samples whose ``samples/<skey>.json`` and images
-exist and never rewrites a finished file; it refuses an ``out`` made with another recipe, model or
-inputs (compared by the manifest's fingerprint). What a sample is - frame, prompt, hand tokens, noise
-seeds - depends on (recipe, sample index) only. Its pixels can still differ by float rounding when it
-shares a batch with other samples or sits at another batch position (kernels round per batch shape):
-reruns with the same batches are byte-exact, and ``--batch-size 1`` is exact whatever ran before.
+Batches lie on a fixed grid: batch k holds the indices ``[start + k*B, start + (k+1)*B)`` (B the
+batch size, the last batch shorter). A rerun skips batches whose samples are all complete (sample
+file parses, images match their recorded sha256) and generates every other batch WHOLE, writing
+only its missing or damaged samples. What a sample is - frame, prompt, hand tokens, noise seeds -
+depends on (recipe, sample index) only; its pixels can still differ by float rounding with the
+batch it shares (kernels round per batch shape), and the grid makes that batch the same in every
+run with the same ``--start`` and ``--batch-size``: an interrupted and resumed run gives the same
+bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,13 +26,13 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from handsynth import io
+from handsynth import io, rundir
 from handsynth.console import progress
 from handsynth.errors import InputError
+from handsynth.generate import layout
 from handsynth.generate.plan import SEED_RULE, Inputs, Plan, SampleSpec
 
-STAGE = "generate"
-SUBDIRS = ("images", "local", "samples")
+STAGE = layout.STAGE
 # Recipe fields that do not change any sample (left out of the fingerprint).
 NOT_FINGERPRINTED = {"output", "batch_size", "inputs"}
 
@@ -45,10 +44,6 @@ class Summary:
     done: int
     skipped: int
     elapsed_s: float
-
-
-def sample_path(out: Path, key: str) -> Path:
-    return out / "samples" / f"{key}.json"
 
 
 def guidance_files(guidance: str) -> dict[str, str] | None:
@@ -71,45 +66,20 @@ def fingerprint(recipe, inputs: Inputs, model: dict[str, Any], precision: str) -
             "precision": precision}
 
 
+def run_dir(out: Path, prints: dict[str, str], command: list[str] | None = None) -> rundir.RunDir:
+    """The run directory ``out`` for a plan with fingerprint ``prints``."""
+    return rundir.RunDir(out, STAGE, fingerprint=prints, command=command, subdirs=layout.SUBDIRS)
+
+
 def check_out_dir(out: Path, prints: dict[str, str]) -> bool:
     """Whether ``out`` holds an earlier run of the same plan to resume. Refuses (InputError) a folder made
     by another stage, with another recipe/model/inputs/precision, or a non-empty folder that is no run."""
-    manifest = out / io.MANIFEST
-    if manifest.exists():
-        earlier = io.read_manifest(out)
-        if earlier.get("stage") != STAGE:
-            raise InputError(f"{out} holds the output of the '{earlier.get('stage')}' stage", where=manifest,
-                             fix="choose another --out for generate")
-        before = earlier.get("fingerprint") or {}
-        for part, now in prints.items():
-            if before.get(part) != now:
-                raise InputError(
-                    f"{out} holds samples generated with a different {part} (fingerprint {before.get(part)!r}, "
-                    f"now {now!r}), so resuming would mix two plans", where=manifest,
-                    fix="use a new --out for this recipe, or rerun with the original recipe, model and inputs "
-                        "to resume")
-        return True
-    if out.is_dir() and any(out.iterdir()):
-        raise InputError(f"{out} is not empty and holds no generate run (no {io.MANIFEST})", where=out,
-                         fix="choose a new or empty --out")
-    return False
+    return run_dir(out, prints).check()
 
 
-def _remove_stray_temporaries(out: Path) -> None:
-    """Delete the temporary files (``.<name>.<hex>.tmp``, see io.atomic_path) an interrupted run left."""
-    for folder in (out, *(out / sub for sub in SUBDIRS)):
-        for p in folder.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
-
-
-def is_complete(out: Path, plan: Plan, index: int, ext: str) -> bool:
-    """Whether sample ``index`` is finished in ``out``: its sample file and the images it lists exist
-    (an image lost after its sample file was written makes the sample pending again)."""
-    key = plan.key(index)
-    needed = [sample_path(out, key), out / "images" / f"{key}.{ext}"]
-    if plan.frames[index % len(plan.frames)].local is not None:
-        needed.append(out / "local" / f"{key}.{ext}")
-    return all(p.is_file() for p in needed)
+def is_complete(out: Path, plan: Plan, index: int) -> bool:
+    """Whether sample ``index`` is finished in ``out`` (see :func:`handsynth.generate.layout.sample_complete`)."""
+    return layout.sample_complete(out, plan.key(index), local=plan.frames[index % len(plan.frames)].local is not None)
 
 
 def encode_image(image, fmt: str, quality: int) -> bytes:
@@ -143,12 +113,13 @@ class Runner:
         self.tas = TASConfig(**recipe.tas.model_dump())
         self.ext = recipe.image.format
 
-    def generate(self, specs: list[SampleSpec]) -> None:
-        """Generate, then write, one batch (frames with and without a local mesh image run apart)."""
+    def generate(self, specs: list[SampleSpec], write: set[int] | None = None) -> None:
+        """Generate one batch (frames with and without a local mesh image run apart), then write the
+        samples whose index is in ``write`` (default: all)."""
         for has_local, group in groupby(specs, key=lambda s: s.frame.local is not None):
-            self._generate_group(list(group), has_local)
+            self._generate_group(list(group), has_local, write)
 
-    def _generate_group(self, specs: list[SampleSpec], has_local: bool) -> None:
+    def _generate_group(self, specs: list[SampleSpec], has_local: bool, write: set[int] | None) -> None:
         import torch
 
         sampler, size = self.recipe.sampler, self.recipe.image.size
@@ -164,16 +135,18 @@ class Runner:
             controlnet_conditioning_scale=sampler.control_scale, eta=sampler.eta,
             negative_prompt=sampler.negative_prompt, tas=self.tas, height=size, width=size, output_type="pil")
         for n, spec in enumerate(specs):
-            local = result.local_images[n] if has_local else None
-            self._write(spec, result.images[n], local)
+            if write is None or spec.index in write:
+                local = result.local_images[n] if has_local else None
+                self._write(spec, result.images[n], local)
 
     def _write(self, spec: SampleSpec, image, local_image) -> None:
         quality = self.recipe.image.quality
-        outputs = {"image": f"images/{spec.key}.{self.ext}"}
-        io.write_bytes_atomic(self.out / outputs["image"], encode_image(image, self.ext, quality))
+        encoded = {"image": encode_image(image, self.ext, quality)}
         if local_image is not None:
-            outputs["local"] = f"local/{spec.key}.{self.ext}"
-            io.write_bytes_atomic(self.out / outputs["local"], encode_image(local_image, self.ext, quality))
+            encoded["local"] = encode_image(local_image, self.ext, quality)
+        outputs = {name: layout.output_ref(name, spec.key, self.ext) for name in encoded}
+        for name, data in encoded.items():
+            io.write_bytes_atomic(self.out / outputs[name], data)
         mesh = {"global": spec.frame.mesh_ref}
         if spec.frame.local_ref is not None:
             mesh["local"] = spec.frame.local_ref
@@ -183,46 +156,46 @@ class Runner:
             "hand_spans": [list(s) for s in spec.prompt.hand_spans], "hand_token_indices": spec.token_indices,
             "seed": spec.seed, "local_seed": spec.local_seed if local_image is not None else None,
             "mesh": mesh, "outputs": outputs,
+            "outputs_sha256": {name: hashlib.sha256(data).hexdigest() for name, data in encoded.items()},
         }
-        io.write_json_atomic(sample_path(self.out, spec.key), record)
+        io.write_json_atomic(layout.sample_path(self.out, spec.key), record)
 
 
 def run(recipe, inputs: Inputs, pipe, *, out: Path, start: int, count: int, batch_size: int, device: str,
-        precision: str, model: dict[str, Any], resuming: bool, prints: dict[str, str],
-        command: list[str] | None = None) -> Summary:
-    """Generate samples ``[start, start + count)`` into ``out`` (checked with :func:`check_out_dir`)."""
+        precision: str, model: dict[str, Any], prints: dict[str, str], command: list[str] | None = None) -> Summary:
+    """Generate samples ``[start, start + count)`` into ``out`` (checked with :func:`check_out_dir`) on the
+    fixed batch grid (see the module docstring)."""
     started = time.perf_counter()
     plan = Plan(recipe, inputs.frames, pipe.tokenizer)
-    out = io.ensure_writable_dir(out)
-    if resuming:
-        _remove_stray_temporaries(out)
     manifest = {
         "recipe": {"path": str(recipe.path.resolve()) if recipe.path else None,
                    "sha256": io.sha256_file(recipe.path) if recipe.path else None,
                    "resolved": recipe.model_dump(mode="json")},
         "inputs": {"kind": inputs.kind, **inputs.record},
-        "model": model, "precision": precision, "device": device, "seeds": SEED_RULE, "fingerprint": prints,
-        "batch_size": batch_size, "range": {"start": start, "count": count},
-        "layout": {"images": f"images/<key>.{recipe.image.format}", "local": f"local/<key>.{recipe.image.format}",
+        "model": model, "precision": precision, "device": device, "seeds": SEED_RULE,
+        "batch_size": batch_size, "batch_grid": "batch k = sample indices [start + k*batch_size, "
+                                                "start + (k+1)*batch_size)",
+        "range": {"start": start, "count": count},
+        "layout": {"images": layout.output_ref("image", "<key>", recipe.image.format),
+                   "local": layout.output_ref("local", "<key>", recipe.image.format),
                    "samples": "samples/<key>.json"},
     }
-    indices = range(start, start + count)
-    pending = [i for i in indices if not is_complete(out, plan, i, recipe.image.format)]
-    skipped = count - len(pending)
-    io.write_json_atomic(out / io.MANIFEST, io.new_manifest(
-        STAGE, command, status="running", counts={"requested": count, "skipped": skipped}, **manifest))
-
-    runner = Runner(recipe, pipe, out, device)
-    with progress("images") as bar:
-        task = bar.add_task("generate", total=len(pending))
-        for b in range(0, len(pending), batch_size):
-            specs = [plan(i) for i in pending[b:b + batch_size]]
-            runner.generate(specs)
-            bar.advance(task, len(specs))
-
-    elapsed = time.perf_counter() - started
-    complete = sum(1 for p in (out / "samples").glob("*.json"))
-    counts = {"requested": count, "done": len(pending), "skipped": skipped, "samples_in_out": complete}
-    io.write_json_atomic(out / io.MANIFEST, io.new_manifest(
-        STAGE, command, status="complete", counts=counts, elapsed_s=round(elapsed, 3), **manifest))
-    return Summary(out=out, requested=count, done=len(pending), skipped=skipped, elapsed_s=elapsed)
+    done = skipped = 0
+    with run_dir(out, prints, command).open(counts={"requested": count}, **manifest) as run:
+        out = run.out
+        runner = Runner(recipe, pipe, out, device)
+        with progress("images") as bar:
+            task = bar.add_task("generate", total=count)
+            for first in range(start, start + count, batch_size):
+                batch = range(first, min(first + batch_size, start + count))
+                todo = {i for i in batch if not is_complete(out, plan, i)}
+                if todo:
+                    runner.generate([plan(i) for i in batch], write=todo)
+                done += len(todo)
+                skipped += len(batch) - len(todo)
+                bar.advance(task, len(batch))
+        elapsed = time.perf_counter() - started
+        complete = sum(1 for _ in (out / "samples").glob("*.json"))
+        run.finish(counts={"requested": count, "done": done, "skipped": skipped, "samples_in_out": complete},
+                   elapsed_s=round(elapsed, 3))
+    return Summary(out=out, requested=count, done=done, skipped=skipped, elapsed_s=elapsed)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from handsynth.errors import InputError
 from handsynth.labels.base import LabelSet
-from handsynth.labels.detect import FORMATS, check_format, detect_format, sniff, undetectable
+from handsynth.labels.detect import FORMATS, IMAGE_LIST, Sniffed, check_format, sniff, undetectable
 from handsynth.labels.schema import Camera, Frame, Hand
 
 __all__ = ["FORMATS", "Camera", "Frame", "Hand", "LabelSet", "detect_format", "read_labels"]
@@ -33,7 +33,7 @@ def read_labels(path: str | Path, format: str | None = None, *,
     if path.is_dir():
         raise InputError("--labels names a folder, not a label file", where=path,
                          fix="name a label file (for InterHand2.6M any file of the set)")
-    found = sniff(path)
+    found = _sniff(path)
     fmt = format or found.format
     if fmt is None:
         raise undetectable(path)
@@ -46,3 +46,23 @@ def read_labels(path: str | Path, format: str | None = None, *,
         return coco.read(path, found.doc, role, limit=limit)
     from handsynth.labels import jsonl
     return jsonl.read(path, limit=limit)
+
+
+def detect_format(path: str | Path) -> str:
+    """The label format of ``path``, one of FORMATS, judged from the file's content."""
+    found = _sniff(Path(path))
+    if found.format is None:
+        raise undetectable(Path(path))
+    return found.format
+
+
+def _sniff(path: Path) -> Sniffed:
+    """:func:`~handsynth.labels.detect.sniff`, with a plain COCO-style data file recognised as an
+    InterHand2.6M data file when the set's camera file lies beside it."""
+    found = sniff(path)
+    if found.format is None and found.role == IMAGE_LIST:
+        from handsynth.labels import interhand
+
+        if interhand.has_sibling_camera(path):
+            return Sniffed(interhand.FORMAT, "data", found.doc)
+    return found

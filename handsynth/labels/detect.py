@@ -49,6 +49,11 @@ def check_format(name: str) -> str:
     return name
 
 
+# Role of a file whose content alone does not tell: a COCO-style "images" list, which is an InterHand2.6M
+# data file when the set's camera file lies beside it (the caller, who knows the readers, decides).
+IMAGE_LIST = "image_list"
+
+
 def sniff(path: Path) -> Sniffed:
     """Parse ``path`` (JSON or JSON Lines) and classify its content."""
     kind, doc = _load(path)
@@ -56,18 +61,8 @@ def sniff(path: Path) -> Sniffed:
         return Sniffed("handsynth-jsonl", "lines", None)
     fmt, role = classify(doc)
     if fmt is None and isinstance(doc, Mapping) and "images" in doc:
-        from handsynth.labels.interhand import has_sibling_camera   # a plain COCO-style data file
-        if has_sibling_camera(path):
-            fmt, role = "interhand26m", "data"
+        role = IMAGE_LIST
     return Sniffed(fmt, role, doc)
-
-
-def detect_format(path: str | Path) -> str:
-    """The label format of ``path``, one of FORMATS, judged from the file's content."""
-    found = sniff(Path(path))
-    if found.format is None:
-        raise undetectable(Path(path))
-    return found.format
 
 
 def undetectable(path: Path) -> InputError:

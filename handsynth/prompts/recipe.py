@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handsynth.doctor import DEFAULT_BASE_MODEL
+from handsynth.hub import DEFAULT_BASE_MODEL
 from handsynth.errors import InputError
 from handsynth.keys import sanitize
 from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names

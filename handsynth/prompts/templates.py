@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import Any, Iterable
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from handsynth.prompts.recipe import PromptsConfig
 
 HAND_CONFIGS = ("right", "left", "both")
 """Hand configurations a recipe writes templates for: one right hand, one left hand, two hands."""
@@ -203,11 +200,12 @@ class _Table:
 class PromptSampler:
     """Draws prompts from a recipe's ``prompts`` section; ``sampler(index, hands)`` is deterministic.
 
-    ``seed`` is the recipe seed. The same (seed, index, hands) always gives the same Prompt, on any
-    machine and in any order of calls.
+    ``config`` is a validated ``prompts`` section (:class:`handsynth.prompts.recipe.PromptsConfig`: this
+    module sits below the recipe schema and does not import it), ``seed`` the recipe seed. The same
+    (seed, index, hands) always gives the same Prompt, on any machine and in any order of calls.
     """
 
-    def __init__(self, config: "PromptsConfig", seed: int):
+    def __init__(self, config: Any, seed: int):
         self.seed = int(seed)
         self.slots: dict[str, _Table] = {}
         self.hand_slots = {name for name, slot in config.slots.items() if slot.hand}

@@ -1,17 +1,11 @@
 """The render stage: labels -> a run directory of mesh images, local crops and derived labels.
 
-Run directory (read by later stages)::
-
-    <out>/manifest.json        stage "render": command, inputs + sha256, MANO hashes, settings, counts
-    <out>/global/<key>.png     mesh image at the source image size
-    <out>/local/<key>.png      local_size x local_size mesh image through the crop box's intrinsics
-    <out>/rgb_local/<key>.jpg  the same crop of the source RGB (only when the source image exists)
-    <out>/labels/<key>.json    per frame, written LAST: its presence marks the frame complete
-    <out>/labels.jsonl         every complete frame's label in source order, rewritten at the end
-
-Every file is written atomically (temporary name + rename). A rerun of the same command skips
-frames whose label file exists and renders the rest; finished files are never rewritten. PNGs
-are encoded with fixed options and no metadata, so reruns give byte-identical files.
+The run directory's layout is :mod:`handsynth.render.layout`; :mod:`handsynth.rundir` locks it, checks
+that a rerun resumes the same run and records how the run ended. Every file is written atomically
+(temporary name + rename). A rerun of the same command keeps complete frames (label parses, every
+image matches the sha256 its label recorded) and renders the rest, a damaged frame included;
+finished files are never rewritten. PNGs are encoded with fixed options and no metadata, so reruns
+give byte-identical files.
 """
 
 from __future__ import annotations
@@ -28,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from handsynth import io
+from handsynth import io, rundir
 from handsynth.console import console, progress
 from handsynth.errors import InputError
 from handsynth.labels.schema import Frame, Hand
-from handsynth.render import geometry
+from handsynth.render import geometry, layout
 from handsynth.render.renderer import BASE_COLOR, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer, View
 
-STAGE = "render"
+STAGE = layout.STAGE
 LOCAL_SIZE = 512
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 1            # zlib level: 2x faster than 6 for ~20% larger mesh PNGs
@@ -109,15 +103,16 @@ class FrameRenderer:
             [(h["vertices"], h["faces"]) for h in hands],
             [View(K, tuple(frame.image_size)), View(K_local, (size, size))])
 
-        images = {"global": f"global/{frame.key}.png", "local": f"local/{frame.key}.png"}
-        io.write_bytes_atomic(self.out / images["global"], encode_png(global_view.color))
-        io.write_bytes_atomic(self.out / images["local"], encode_png(local_view.color))
+        encoded = {"global": encode_png(global_view.color), "local": encode_png(local_view.color)}
         rgb = load_rgb(frame)
         if rgb is not None:
-            images["rgb_local"] = f"rgb_local/{frame.key}.jpg"
-            io.write_bytes_atomic(self.out / images["rgb_local"], encode_jpeg(crop_image(rgb, crop, size)))
+            encoded["rgb_local"] = encode_jpeg(crop_image(rgb, crop, size))
+        images = {name: layout.image_ref(name, frame.key) for name in encoded}
+        for name, data in encoded.items():
+            io.write_bytes_atomic(self.out / images[name], data)
         label = self._label(frame, hands, result.hand_skips, crop, K_local, images)
-        io.write_json_atomic(self.out / "labels" / f"{frame.key}.json", label)
+        label["images_sha256"] = {name: hashlib.sha256(data).hexdigest() for name, data in encoded.items()}
+        io.write_json_atomic(layout.label_path(self.out, frame.key), label)
         result.status, result.rgb = "rendered", rgb is not None
         return result
 
@@ -241,19 +236,16 @@ def crop_image(image, box: np.ndarray, size: int):
 
 # --- the run -------------------------------------------------------------------------------
 
-def label_path(out: Path, key: str) -> Path:
-    return out / "labels" / f"{key}.json"
-
-
 def render_run(labels_path: str | Path, out: str | Path, *, format: str | None = None,
                mano_dir: str | Path | None = None, limit: int | None = None, workers: int = 1,
                style: str = "mesh", local_size: int = LOCAL_SIZE,
                crop_scale: float = geometry.DEFAULT_CROP_SCALE, command: list[str] | None = None) -> RunSummary:
     """Render every frame of ``labels_path`` into the run directory ``out``; resume where a run stopped.
 
-    Raises InputError on bad labels or settings, MissingResourceError when MANO files are missing,
-    OutputError when ``out`` cannot be written. Hands behind the camera or outside the image are
-    skipped and counted; frames without a renderable hand are skipped and counted.
+    Raises InputError on bad labels or settings or an ``out`` holding something else than this run,
+    MissingResourceError when MANO files are missing, OutputError when ``out`` cannot be written or
+    another process is writing to it. Hands behind the camera or outside the image are skipped and
+    counted; frames without a renderable hand are skipped and counted.
     """
     from handsynth.hand_model import HandModel, resolve_mano_dir
     from handsynth.labels import read_labels
@@ -268,7 +260,6 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
     for side in sorted({h.side for f in label_set.frames for h in f.hands if h.valid}):
         model.faces(side)           # loads and checks the side's file before the run directory is touched
     mano_hashes = model.file_hashes()
-    out = io.ensure_writable_dir(out)
     manifest = {
         "inputs": {"labels": [{"path": str(p), "sha256": io.sha256_file(p)} for p in label_set.sources],
                    "format": label_set.format, "limit": limit},
@@ -276,32 +267,32 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
         "settings": settings.as_dict(),
         "renderer": {"platform": configure_platform(), "znear_m": ZNEAR, "zfar_m": ZFAR,
                      "base_color": list(BASE_COLOR), "lights": [list(d) + [i] for d, i in LIGHTS]},
-        "units": UNITS, "layout": {"global": "global/<key>.png", "local": "local/<key>.png",
-                                   "rgb_local": "rgb_local/<key>.jpg", "labels": "labels/<key>.json",
-                                   "all_labels": "labels.jsonl"},
+        "units": UNITS, "layout": {**{name: ref.format(key="<key>") for name, ref in layout.IMAGE_NAMES.items()},
+                                   "labels": "labels/<key>.json", "all_labels": layout.JSONL},
     }
-    resuming = _check_resumable(out, manifest)
-    stray = _remove_stray_temporaries(out) if resuming else 0     # never touch a folder that is not a run
-    io.write_json_atomic(out / io.MANIFEST, io.new_manifest(STAGE, command, status="running", **manifest))
+    fingerprint = {"settings": manifest["settings"], "MANO files": mano_hashes,
+                   "label files": [e["sha256"] for e in manifest["inputs"]["labels"]]}
+    run = rundir.RunDir(out, STAGE, fingerprint=fingerprint, command=command, subdirs=layout.SUBDIRS)
+    with run.open(**manifest):
+        out = run.out
+        frames = label_set.frames
+        pending = [f for f in frames if not layout.frame_complete(out, f.key)]
+        results = _render_frames(pending, out, mano_root, settings, workers)
 
-    frames = label_set.frames
-    pending = [f for f in frames if not label_path(out, f.key).exists()]
-    results = _render_frames(pending, out, mano_root, settings, workers)
-
-    skipped = Counter(r.reason for r in results if r.status == "skipped")
-    hand_skips = sum((r.hand_skips for r in results), Counter())
-    _warn_skips(results)
-    done = [f for f in frames if label_path(out, f.key).exists()]
-    _write_jsonl(out, done)
-    elapsed = time.perf_counter() - started
-    counts = {
-        "frames": len(frames), "rendered": len(done), "rendered_this_run": sum(r.status == "rendered" for r in results),
-        "already_done": len(frames) - len(pending), "rgb_local": sum(r.rgb for r in results),
-        "skipped": dict(sorted(skipped.items())), "skipped_hands": dict(sorted(hand_skips.items())),
-        "reader_skipped": dict(label_set.skipped), "stray_temporaries_removed": stray,
-    }
-    io.write_json_atomic(out / io.MANIFEST, io.new_manifest(
-        STAGE, command, status="complete", counts=counts, elapsed_s=round(elapsed, 3), workers=workers, **manifest))
+        skipped = Counter(r.reason for r in results if r.status == "skipped")
+        hand_skips = sum((r.hand_skips for r in results), Counter())
+        _warn_skips(results)
+        done = [f for f in frames if layout.label_path(out, f.key).exists()]
+        _write_jsonl(out, done)
+        elapsed = time.perf_counter() - started
+        counts = {
+            "frames": len(frames), "rendered": len(done),
+            "rendered_this_run": sum(r.status == "rendered" for r in results),
+            "already_done": len(frames) - len(pending), "rgb_local": sum(r.rgb for r in results),
+            "skipped": dict(sorted(skipped.items())), "skipped_hands": dict(sorted(hand_skips.items())),
+            "reader_skipped": dict(label_set.skipped), "stray_temporaries_removed": run.stray_temporaries,
+        }
+        run.finish(counts=counts, elapsed_s=round(elapsed, 3), workers=workers)
     return RunSummary(out=out, frames=len(frames), rendered=len(done), already_done=counts["already_done"],
                       skipped=counts["skipped"], skipped_hands=counts["skipped_hands"], elapsed_s=elapsed)
 
@@ -326,36 +317,6 @@ def _check_unique_keys(frames: list[Frame], source: Path) -> None:
     if dup:
         raise InputError(f"{len(dup)} frame key(s) occur more than once, e.g. '{dup[0]}'", where=source,
                          fix="give every frame a unique id in the label file")
-
-
-def _check_resumable(out: Path, manifest: dict[str, Any]) -> bool:
-    """Whether ``out`` holds an earlier render run to resume; refuses one made from other inputs or settings."""
-    if not (out / io.MANIFEST).exists():
-        return False
-    earlier = io.read_manifest(out)
-    if earlier.get("stage") != STAGE:
-        raise InputError(f"{out} holds the output of the '{earlier.get('stage')}' stage", where=out / io.MANIFEST,
-                         fix="choose another --out for the render stage")
-    for name, now, before in (
-        ("settings", manifest["settings"], earlier.get("settings")),
-        ("MANO files", manifest["mano"]["files"], earlier.get("mano", {}).get("files")),
-        ("label files", [e["sha256"] for e in manifest["inputs"]["labels"]],
-         [e.get("sha256") for e in earlier.get("inputs", {}).get("labels", [])]),
-    ):
-        if now != before:
-            raise InputError(
-                f"{out} holds a render run made with other {name} ({before}), not ({now})",
-                where=out / io.MANIFEST,
-                fix="rerun with the original inputs and settings to resume it, or choose a new --out")
-    return True
-
-
-def _remove_stray_temporaries(out: Path) -> int:
-    """Delete temporary files an interrupted run left behind (never a finished file). Returns how many."""
-    stray = [p for sub in ("global", "local", "rgb_local", "labels", ".") for p in (out / sub).glob(".*.tmp")]
-    for p in stray:
-        p.unlink(missing_ok=True)
-    return len(stray)
 
 
 def _render_frames(frames: list[Frame], out: Path, mano_dir: Path, settings: Settings,
@@ -417,5 +378,6 @@ def _warn_skips(results: list[FrameResult]) -> None:
 
 
 def _write_jsonl(out: Path, frames: list[Frame]) -> None:
-    lines = [json.dumps(io.read_json(label_path(out, f.key), what="frame label"), allow_nan=False) for f in frames]
-    io.write_bytes_atomic(out / "labels.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    lines = [json.dumps(io.read_json(layout.label_path(out, f.key), what="frame label"), allow_nan=False)
+             for f in frames]
+    io.write_bytes_atomic(layout.jsonl_path(out), ("\n".join(lines) + "\n" if lines else "").encode())
