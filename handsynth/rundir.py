@@ -186,17 +186,34 @@ def is_locked(run_dir: Path) -> bool:
         os.close(fd)
 
 
-class _Lock:
+class Lock:
+    """An exclusive ``flock`` on the file ``path``, which holds the owner's pid, host and command.
+
+    Non-blocking: :meth:`acquire` says False when another process holds it (:meth:`holder` says who).
+    :meth:`release` deletes the file while still holding the lock; an acquirer that locked a file
+    deleted meanwhile notices (another inode now at ``path``) and tries again, so the deletion is safe.
+    """
+
     def __init__(self, path: Path):
-        self.path, self.fd = path, None
+        self.path, self.fd = Path(path), None
+
+    def holder(self) -> str:
+        return _holder(self.path)
 
     def acquire(self, command: list[str]) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)                 # locked a file its owner deleted on release: lock the new one
         self.fd = fd
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": list(command),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -206,8 +223,16 @@ class _Lock:
 
     def release(self) -> None:
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
             os.close(self.fd)            # closing the only descriptor releases the flock
             self.fd = None
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # --- temporaries -------------------------------------------------------------------------------
@@ -225,6 +250,12 @@ def remove_temporaries(out: Path, subdirs: tuple[str, ...] = ()) -> int:
 
 
 # --- the run directory -------------------------------------------------------------------------
+
+def busy(out: Path, lock: Lock) -> OutputError:
+    """The error for an ``out`` another process is writing to, naming that process."""
+    return OutputError(f"another handsynth process is writing to {out} ({lock.holder()})", where=out,
+                       fix="wait for it to finish or stop it, or choose another --out")
+
 
 def _check_creatable(out: Path) -> None:
     """OutputError unless the nearest existing folder above ``out`` is a folder this process can write to."""
@@ -262,7 +293,7 @@ class RunDir:
         self.earlier: dict[str, Any] | None = None
         self.replacing = False
         self.stray_temporaries = 0
-        self._lock = _Lock(self.out / LOCK)
+        self._lock = Lock(self.out / LOCK)
         self._fields: dict[str, Any] = {}
         self._final: dict[str, Any] | None = None
         self._created = False
@@ -350,8 +381,7 @@ class RunDir:
             raise OutputError(f"cannot write to the output folder: {exc.strerror or exc}", where=self.out,
                               fix="choose a folder you can write to with --out, or fix its permissions") from None
         if not got:
-            raise OutputError(f"another handsynth process is writing to {self.out} ({_holder(self.out / LOCK)})",
-                              where=self.out, fix="wait for it to finish or stop it, or choose another --out")
+            raise busy(self.out, self._lock)
         try:
             self.check()
             io.ensure_writable_dir(self.out)

@@ -398,16 +398,48 @@ def test_safetensors_input_and_truncated_file(components, tmp_path):
 
 # --- output safety and the command line --------------------------------------------------------
 
-def test_existing_output_is_not_clobbered(guidance_ckpt, tiny_sd_dir, tmp_path):
+def test_overwrite_replaces_only_an_earlier_conversion(guidance_ckpt, tiny_sd_dir, tmp_path, capsys):
+    """--overwrite never deletes a folder of the user's files or a plain file; it replaces a folder the
+    same command wrote (recognised by its report); output folders get the umask's permissions."""
+    import os
+    import stat
+
+    def convert_into(out, *extra):
+        return main(["convert", "--ckpt", str(guidance_ckpt), "--out", str(out), "--base", str(tiny_sd_dir),
+                     *extra])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("earlier work")
+    assert convert_into(mine) == OutputError.exit_code
+    capsys.readouterr()
+    assert convert_into(mine, "--overwrite") == OutputError.exit_code
+    err = " ".join(capsys.readouterr().err.split())
+    assert "replaces only a folder an earlier `handsynth convert` wrote" in err and "Traceback" not in err
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"] and (mine / "keep.txt").read_text() == "earlier work"
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    assert convert_into(plain, "--overwrite") == OutputError.exit_code
+    assert plain.read_text() == "a file"
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("earlier work")
-    args = ["convert", "--ckpt", str(guidance_ckpt), "--out", str(out), "--base", str(tiny_sd_dir)]
-    assert main(args) == OutputError.exit_code
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert main(args + ["--overwrite"]) == 0
+    old = os.umask(0o022)
+    try:
+        assert convert_into(out) == 0
+        first = (out / "conversion_report.json").read_bytes()
+        (out / "controlnet" / "stale.bin").write_bytes(b"x")      # inside a part: replaced with the rest
+        assert convert_into(out, "--overwrite") == 0
+    finally:
+        os.umask(old)
     assert sorted(p.name for p in out.iterdir()) == ["controlnet", "conversion_report.json"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or backup folders left
+    assert not (out / "controlnet" / "stale.bin").exists()
+    assert (out / "conversion_report.json").read_bytes() == first
+    for folder in (out, out / "controlnet"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+    (out / "notes.txt").write_text("mine")                         # a user's file beside the conversion
+    assert convert_into(out, "--overwrite") == OutputError.exit_code
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp, backup or lock
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
-import tempfile
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from handsynth import rundir
 from handsynth.errors import InputError, MissingResourceError, OutputError
 from handsynth.hub import DEFAULT_BASE_MODEL
 from handsynth.io import ensure_writable_dir, sha256_file, write_json_atomic
@@ -484,19 +486,44 @@ def _model_index(base: Path) -> dict[str, Any]:
     }
 
 
+# What a conversion folder may hold: --overwrite replaces only a folder of nothing else.
+CONVERTED_ENTRIES = {REPORT, "model_index.json", GUIDANCE, *SD_PREFIXES, "tokenizer", "scheduler"}
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that exists, unless ``overwrite`` and it is a folder an earlier conversion wrote
+    (a readable conversion report and nothing but conversion output); a plain file is never replaced."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError("--out names a file, not a folder; convert never replaces a file", where=out,
+                          fix="choose another --out, or move the file away")
+    if not overwrite:
+        raise OutputError("the output folder already exists", where=out, fix="pass --overwrite or another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CONVERTED_ENTRIES)
+    try:
+        report = json.loads((out / REPORT).read_text(encoding="utf-8"))
+        ours = isinstance(report, dict) and {"source", "sha256", "parts"} <= set(report)
+    except (OSError, ValueError):
+        ours = False
+    if not ours or foreign:
+        why = f"it holds '{foreign[0]}'" if ours else f"it has no readable {REPORT}"
+        raise OutputError(f"--overwrite replaces only a folder an earlier `handsynth convert` wrote, and {out} is "
+                          f"not one ({why})", where=out,
+                          fix="choose another --out, or move the folder's contents away yourself")
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is removed only after the swap."""
+    """Move the finished ``tmp`` folder to ``out``; an old ``out`` (checked again) is removed only after the
+    swap."""
+    check_out(out, overwrite)
     old = None
     if out.exists():
-        if not overwrite:
-            raise OutputError("the output folder already exists", where=out, fix="pass --overwrite or another --out")
-        old = out.with_name(f".{out.name}.old-{tmp.name}")
+        old = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")
         out.rename(old)
     tmp.rename(out)
-    if old is not None and old.is_dir():
+    if old is not None:
         shutil.rmtree(old)
-    elif old is not None:
-        old.unlink()
 
 
 def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False, base: str | None = None,
@@ -511,8 +538,7 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
     ckpt, out = Path(ckpt), Path(out)
     if full and base is None:
         base = DEFAULT_BASE_MODEL
-    if out.exists() and not overwrite:
-        raise OutputError("the output folder already exists", where=out, fix="pass --overwrite or another --out")
+    check_out(out, overwrite)
     state, top_level = load_checkpoint(ckpt)
     tensors = {k: v for k, v in state.items() if hasattr(v, "shape")}
     base_dir = resolve_base(base) if base is not None else None
@@ -531,12 +557,22 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, *, full: bool = False,
             where=ckpt, fix="use a complete checkpoint, or pass --allow-missing to keep those weights at their "
                             "initial values (listed in conversion_report.json)")
     ensure_writable_dir(out.parent, what="folder that holds --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write_output(tmp, parts, base_dir, full)
-        write_json_atomic(tmp / REPORT, report.to_json())
-        _publish(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    lock = rundir.Lock(out.parent / f".{out.name}.lock")
+    if not lock.acquire(sys.argv):
+        raise rundir.busy(out, lock)
+    with lock:
+        for stray in out.parent.glob(f".{out.name}.*.tmp"):     # left by a killed conversion
+            shutil.rmtree(stray, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
+        tmp.mkdir()                 # default permissions (0o777 less the umask), unlike mkdtemp's 0o700
+        try:
+            _write_output(tmp, parts, base_dir, full)
+            write_json_atomic(tmp / REPORT, report.to_json())
+            _publish(tmp, out, overwrite)
+        except OSError as exc:
+            raise OutputError(f"cannot write the converted model: {exc.strerror or exc}", where=out,
+                              fix="free disk space or choose another --out; nothing was written to --out") from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return report
