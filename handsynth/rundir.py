@@ -142,7 +142,9 @@ def intact(path: Path, sha256: str | None) -> bool:
         from PIL import Image
 
         with Image.open(path) as image:
-            image.load()
+            image.verify()               # the file's structure and checksums, to its end
+        with Image.open(path) as image:
+            image.load()                 # and the pixels decode
         return True
     except Exception:        # missing, unreadable or undecodable: not finished, whatever the reason
         return False
