@@ -322,6 +322,8 @@ class RunDir:
         if not out.is_dir():
             _check_creatable(out)
             return False
+        if self._lock.fd is None and is_locked(out):
+            raise busy(out, self._lock)
         if not self.manifest_path.exists():
             foreign = [p.name for p in out.iterdir() if p.name != LOCK and not p.name.endswith(".tmp")]
             if not foreign:
@@ -351,7 +353,7 @@ class RunDir:
         if changed and not self.replace:
             part = changed[0]
             raise InputError(
-                f"{out} holds a {self.what} made with a different {part} ({before.get(part)!r}, now "
+                f"{out} holds an earlier {self.what} made with a different {part} ({before.get(part)!r}, now "
                 f"{self.fingerprint[part]!r}), so resuming would mix two runs", where=self.manifest_path,
                 fix="use a new --out for this run, or rerun with the original inputs and settings to resume it"
                     + (" (or pass --overwrite to replace it)" if self.recognise is not None else ""))

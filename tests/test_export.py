@@ -276,3 +276,142 @@ def test_broken_run_files_give_clear_errors(case, small_render_run, tmp_path, ca
     err = " ".join(capsys.readouterr().err.split())
     assert text in err and str(where) in err and "Traceback" not in err, err
     assert not list((tmp_path / "shards").glob("*.tar")) and not list((tmp_path / "shards").glob(".*.tmp"))
+
+
+# --- nothing lost, nothing silently wrong --------------------------------------------------------
+
+def _sample_of(run: Path, index: int) -> tuple[Path, dict]:
+    path = next(p for p in (run / "samples").glob("*.json") if json.loads(p.read_text())["index"] == index)
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("verify", ["--verify", "--no-verify"])
+def test_a_damaged_image_never_lands_in_a_shard(gen_run, small_render_run, tmp_path, capsys, verify):
+    """A generated image or mesh image that no longer matches its recorded sha256 stops the export with a
+    one-paragraph error naming it and the command that repairs it; the shard is not written and the
+    index does not say complete (with --no-verify too)."""
+    out = tmp_path / "shards"
+    _, record = _sample_of(gen_run, 4)                      # in the second shard of 3
+    image = gen_run / record["outputs"]["image"]
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0x55                            # a flipped byte: still "an image file"
+    image.write_bytes(bytes(data))
+    args = ["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3", verify]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(image) in err and "does not match the sha256" in err and "handsynth generate" in err, err
+    index = json.loads((out / "index.json").read_text())
+    assert index["status"] == "failed" and [e["name"] for e in index["shards"]] == ["gen-a-000000.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["gen-a-000000.tar"]
+    assert main(["export", "--verify-only", "--out", str(out)]) == 2
+    # a damaged mesh image of the render run is caught the same way
+    image.write_bytes(bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x55]) + bytes(data[len(data) // 2 + 1:]))
+    mesh = small_render_run / json.loads((small_render_run / "labels" / f"{record['frame']}.json").read_text())[
+        "images"]["global"]
+    original = mesh.read_bytes()
+    try:
+        mesh.write_bytes(original[:-30])
+        assert main(args) == 2
+        assert str(mesh) in " ".join(capsys.readouterr().err.split())
+    finally:
+        mesh.write_bytes(original)
+    assert main(args) == 0
+    assert json.loads((out / "index.json").read_text())["status"] == "complete"
+
+
+def test_overwrite_replaces_an_export_with_a_corrupt_index_but_nothing_else(gen_run, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 0
+    (out / "index.json").write_text('{"status": "comp')
+    (out / "gen-a-000009.tar").write_bytes(b"a shard of an earlier export, no longer listed")
+    capsys.readouterr()
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot be read" in err and "--overwrite" in err and "Traceback" not in err
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gen-a-000000.tar", "gen-a-000001.tar", "gen-a-000002.tar",
+                                                     "index.json"]
+    # a folder holding anything else is never replaced, --overwrite or not
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "index.json").write_text("not json")
+    (user / "thesis.tex").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", "--run", str(gen_run), "--out", str(user), *extra]) == 2
+        assert sorted(p.name for p in user.iterdir()) == ["index.json", "thesis.tex"]
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert main(["export", "--run", str(gen_run), "--out", str(plain), "--overwrite"]) == 4
+    assert plain.read_text() == "x"
+
+
+def test_verify_only_fails_on_a_tar_the_index_does_not_list(gen_run, tmp_path, capsys):
+    out = tmp_path / "shards"
+    export_run(gen_run, out, shard_size=3, verify=False)
+    shutil.copy(out / "gen-a-000000.tar", out / "holiday-photos.tar")
+    capsys.readouterr()
+    assert main(["export", "--verify-only", "--out", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holiday-photos.tar is not listed in index.json" in err and "Traceback" not in err
+
+
+def test_a_full_disk_leaves_no_truncated_shard(gen_run, tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of a shard: exit 4 with one paragraph, the partial shard removed, the index
+    not complete; the rerun (disk freed) finishes with the same bytes as an undisturbed export."""
+    import errno
+
+    from handsynth.export import webdataset as wd
+
+    reference = tmp_path / "reference"
+    export_run(gen_run, reference, shard_size=3, verify=False)
+    out = tmp_path / "shards"
+    real_write = wd._HashingFile.write
+    written = {"bytes": 0}
+
+    def write(self, data):
+        written["bytes"] += len(data)
+        if written["bytes"] > (reference / "gen-a-000000.tar").stat().st_size + 5000:   # inside shard 2
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(wd._HashingFile, "write", write)
+    capsys.readouterr()
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 4
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "gen-a-000001.tar" in " ".join(err.split())
+    assert "free disk space" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["gen-a-000000.tar", "index.json"]   # no temporary
+    assert json.loads((out / "index.json").read_text())["status"] == "failed"
+    assert main(["export", "--verify-only", "--out", str(out)]) == 2
+    monkeypatch.setattr(wd._HashingFile, "write", real_write)
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 0
+    for shard in reference.glob("*.tar"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_interrupted_export_says_so_and_a_second_export_is_refused(gen_run, tmp_path, capsys, monkeypatch):
+    from handsynth.export import webdataset as wd
+    from handsynth.rundir import RunDir
+
+    out = tmp_path / "shards"
+    real = wd.write_shard
+    calls = {"n": 0}
+
+    def interrupted(path, records):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(path, records)
+
+    monkeypatch.setattr(wd, "write_shard", interrupted)
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 130
+    assert json.loads((out / "index.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(wd, "write_shard", real)
+    with RunDir(out, "export", fingerprint={}, manifest="index.json", replace=True,
+                recognise=wd.holds_only_an_export, command=["handsynth", "export", "elsewhere"]).open():
+        capsys.readouterr()
+        assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3"]) == 4
+        err = " ".join(capsys.readouterr().err.split())
+        assert "another handsynth process is writing" in err and "handsynth export elsewhere" in err
+    assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3", "--overwrite"]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +196,29 @@ def test_resume_keeps_finished_frames_and_recovers_from_interruption(ih_run, tmp
         assert final[f"labels/{key}.json"] == kept[f"labels/{key}.json"]
         assert final[f"global/{key}.png"] == kept[f"global/{key}.png"]
     assert json.loads((out / "manifest.json").read_text())["counts"]["stray_temporaries_removed"] == 1
+
+
+def test_resume_redoes_frames_whose_images_are_damaged(ih_run, tmp_path, mano_dir):
+    """Complete means 'every listed image matches the sha256 its label recorded': a truncated or
+    bit-flipped mesh image is rendered again on resume, to the same bytes; other frames are untouched."""
+    labels, full, _ = ih_run
+    out = tmp_path / "run"
+    shutil.copytree(full, out)
+    label = json.loads((out / "labels" / f"{KEYS[1]}.json").read_text())
+    assert set(label["images_sha256"]) == set(label["images"])
+    truncated, flipped = out / "global" / f"{KEYS[1]}.png", out / "local" / f"{KEYS[2]}.png"
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    flipped.write_bytes(bytes(data))
+    before = _snapshot(out)
+    assert main(["render", "--labels", str(labels), "--out", str(out), "--mano-dir", str(mano_dir)]) == 0
+    assert _files(out) == _files(full)
+    after = _snapshot(out)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["already_done"] == 2
+    for key in (KEYS[0], KEYS[3]):
+        assert after[f"labels/{key}.json"] == before[f"labels/{key}.json"]
+        assert after[f"global/{key}.png"] == before[f"global/{key}.png"]
 
 
 @pytest.fixture

@@ -114,9 +114,9 @@ def test_only_own_runs_are_resumed_or_replaced(tmp_path):
     user.mkdir()
     (user / "thesis.tex").write_text("mine")
     for replace in (False, True):
-        with pytest.raises(InputError, match="not empty and holds no export"):
+        with pytest.raises(InputError, match="not empty and holds no export run"):
             RunDir(user, "export", fingerprint=PRINT, replace=replace, recognise=lambda p: False,
-                   what="export").open()
+                   what="export run").open()
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
     plain = tmp_path / "plain"
     plain.write_text("x")

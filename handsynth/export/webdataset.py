@@ -222,7 +222,7 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
                 "generate_run": str(source.path.resolve()),
                 "recipe_sha256": builder.extra["recipe_sha256"], "inputs": source.manifest.get("inputs")}
     target = rundir.RunDir(out, STAGE, fingerprint=identity, command=command, manifest=INDEX, replace=overwrite,
-                           recognise=holds_only_an_export, what="export")
+                           recognise=holds_only_an_export, what="export run")
     if target.check():
         _check_unchanged(target, chunks, digests, overwrite)
 
