@@ -47,7 +47,8 @@ def generate(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", min=1, help="Images per diffusion batch (default: the recipe's batch_size). Frames, "
                                     "prompts and seeds do not depend on it; pixels may differ by float rounding "
-                                    "across batch sizes (use 1 for bit-exact audits).")] = None,
+                                    "across batch sizes. Batches lie on a fixed grid from --start, so the same "
+                                    "--batch-size gives the same bytes, resumed or not.")] = None,
     device: Annotated[Optional[str], typer.Option(
         "--device", help="torch device (default: cuda when available, else cpu - for tiny/test models "
                          "only).")] = None,
