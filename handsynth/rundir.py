@@ -334,6 +334,7 @@ class RunDir:
             raise InputError(f"{out} is not empty and holds no {self.what} (no {self.manifest_name}; it has "
                              f"e.g. '{sorted(foreign)[0]}'), so handsynth will not write into it", where=out,
                              fix="choose a new or empty --out")
+        replace_fix = ", or pass --overwrite to replace it" if self.recognise is not None else ""
         try:
             earlier = read_manifest(out, name=self.manifest_name)
         except InputError as exc:
@@ -341,12 +342,18 @@ class RunDir:
                 self.replacing = True
                 return False
             raise InputError(f"{out} holds a {self.manifest_name} that cannot be read ({exc.what})",
-                             where=self.manifest_path,
-                             fix="choose another --out" + (", or pass --overwrite to replace it"
-                                                           if self.recognise is not None else "")) from None
-        if earlier.get("stage") != self.stage:
+                             where=self.manifest_path, fix="choose another --out" + replace_fix) from None
+        ours_unlabelled = earlier.get("stage") is None and self.recognise is not None and self.recognise(out)
+        if earlier.get("stage") != self.stage and not ours_unlabelled:
             raise InputError(f"{out} holds the output of the '{earlier.get('stage')}' stage, not of {self.stage}",
                              where=self.manifest_path, fix=f"choose another --out for {self.stage}")
+        if "fingerprint" not in earlier:
+            if self.replace:                      # written by an older handsynth: replaceable, not resumable
+                self.earlier, self.replacing = earlier, True
+                return False
+            raise InputError(f"{out} holds a {self.what} written by an older handsynth version (its "
+                             f"{self.manifest_name} has no fingerprint), so it cannot be resumed safely",
+                             where=self.manifest_path, fix="choose a new --out" + replace_fix)
         before = earlier.get("fingerprint")
         before = before if isinstance(before, dict) else {}
         changed = [part for part, now in self.fingerprint.items() if before.get(part) != now]

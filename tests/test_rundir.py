@@ -132,6 +132,11 @@ def test_only_own_runs_are_resumed_or_replaced(tmp_path):
         RunDir(run, "generate", fingerprint=PRINT).open()
     with RunDir(run, "render", fingerprint={"recipe": "other"}, replace=True).open() as replaced:
         assert replaced.replacing and not replaced.resuming
+    old = tmp_path / "old"                   # written by a handsynth without fingerprints: never resumed
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"stage": "render", "status": "complete"}))
+    with pytest.raises(InputError, match="older handsynth version"):
+        RunDir(old, "render", fingerprint=PRINT).open()
 
 
 def test_run_folders_get_the_umask_permissions(tmp_path):
