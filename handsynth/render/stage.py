@@ -14,6 +14,7 @@ import hashlib
 import io as _io
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -343,7 +344,7 @@ def _render_frames(frames: list[Frame], out: Path, mano_dir: Path, settings: Set
 
             ctx = multiprocessing.get_context("spawn")     # EGL contexts do not survive fork
             with ctx.Pool(min(workers, len(frames)), initializer=_init_worker,
-                          initargs=(out, mano_dir, settings)) as pool:
+                          initargs=(out, mano_dir, settings, os.getpid())) as pool:
                 for result in pool.imap_unordered(_work, frames):
                     results.append(result)
                     bar.advance(task)
@@ -351,20 +352,23 @@ def _render_frames(frames: list[Frame], out: Path, mano_dir: Path, settings: Set
 
 
 _WORKER: FrameRenderer | None = None
+_PARENT: int | None = None
 
 
-def _init_worker(out: Path, mano_dir: Path, settings: Settings) -> None:
+def _init_worker(out: Path, mano_dir: Path, settings: Settings, parent: int) -> None:
     """Set up a worker process. MANO on a frame's one or two hands is tiny: torch's thread pool
     costs far more than it saves there (65 ms vs 1.5 ms per forward on a busy 2-core machine)."""
-    global _WORKER
+    global _WORKER, _PARENT
     import torch
 
     torch.set_num_threads(1)
-    _WORKER = FrameRenderer(out, mano_dir, settings)
+    _WORKER, _PARENT = FrameRenderer(out, mano_dir, settings), parent
 
 
 def _work(frame: Frame) -> FrameResult:
     assert _WORKER is not None
+    if os.getppid() != _PARENT:     # the run was killed: stop, the folder may belong to a resumed run now
+        os._exit(1)
     return _WORKER(frame)
 
 
