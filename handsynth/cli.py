@@ -20,6 +20,7 @@ from handsynth.errors import HandsynthError
 from handsynth.export.command import export
 from handsynth.generate.command import generate
 from handsynth.prompts.command import prompts
+from handsynth.prompts.recipes_command import recipes_app
 from handsynth.render.command import render
 
 app = typer.Typer(
@@ -51,6 +52,7 @@ def _root(
 
 # --- commands, in pipeline order; each lives beside the stage it drives -------------------------
 app.command("render")(render)
+app.add_typer(recipes_app)
 app.command("prompts")(prompts)
 app.command("generate")(generate)
 app.command("export")(export)

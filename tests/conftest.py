@@ -14,4 +14,4 @@ pytest_plugins = sorted(
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHIPPED_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+SHIPPED_RECIPES = sorted((Path(__file__).resolve().parents[1] / "handsynth" / "recipes").glob("*.yaml"))

@@ -29,7 +29,7 @@ from handsynth.errors import InputError
 from handsynth.keys import sanitize
 from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names
 
-EXAMPLE = "recipes/outdoor.yaml"
+EXAMPLE = "outdoor.yaml (`handsynth recipes copy outdoor`)"
 
 
 class _Strict(BaseModel):
@@ -388,11 +388,23 @@ def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix."""
-    path = Path(path).expanduser()
+    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix.
+
+    A bare name (``outdoor.yaml``, ``outdoor``) naming no file here is the shipped recipe of that name
+    (see :mod:`handsynth.prompts.library`); a note on stderr says which file was used.
+    """
+    from handsynth.prompts.library import find_recipe, shipped_names
+
+    path, shipped = find_recipe(path)
+    if shipped:
+        from handsynth.console import console
+
+        console.print(f"[dim]using the shipped recipe {path} (copy it out for editing with `handsynth recipes "
+                      f"copy {path.stem}`)[/dim]", soft_wrap=True)
     if not path.is_file():
         raise InputError(f"recipe file '{path}' not found", where=path,
-                         fix=f"pass the path of a recipe YAML file, e.g. {EXAMPLE}")
+                         fix=f"pass the path of a recipe YAML file, or the name of a shipped recipe "
+                             f"({shipped_names()}; `handsynth recipes` lists them)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
