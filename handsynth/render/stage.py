@@ -240,7 +240,8 @@ def crop_image(image, box: np.ndarray, size: int):
 def render_run(labels_path: str | Path, out: str | Path, *, format: str | None = None,
                mano_dir: str | Path | None = None, limit: int | None = None, workers: int = 1,
                style: str = "mesh", local_size: int = LOCAL_SIZE,
-               crop_scale: float = geometry.DEFAULT_CROP_SCALE, command: list[str] | None = None) -> RunSummary:
+               crop_scale: float = geometry.DEFAULT_CROP_SCALE, command: list[str] | None = None,
+               companions: dict[str, Path] | None = None) -> RunSummary:
     """Render every frame of ``labels_path`` into the run directory ``out``; resume where a run stopped.
 
     Raises InputError on bad labels or settings or an ``out`` holding something else than this run,
@@ -254,7 +255,7 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
 
     started = time.perf_counter()
     settings = _check_settings(style, local_size, crop_scale, workers)
-    label_set = read_labels(Path(labels_path), format, limit=limit)
+    label_set = read_labels(Path(labels_path), format, limit=limit, companions=companions)
     _check_unique_keys(label_set.frames, Path(labels_path))
     mano_root = resolve_mano_dir(Path(mano_dir) if mano_dir else None)
     model = HandModel(mano_root)
