@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import textwrap
 from pathlib import Path
 
@@ -188,3 +190,50 @@ def test_tas_resolution_checked_with_the_models_vae_factor(tmp_path, capsys, tin
     assert "does not divide the latent size 36" in text and "VAE factor 2" in text and "set tas.attention_res to 9" \
         in text
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _bomb(levels: int) -> str:
+    """A 'billion laughs' recipe: each level lists the previous one ten times (10**levels strings)."""
+    lines = ['l0: &l0 ["ha"]']
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, levels + 1)]
+    return "\n".join(lines) + "\n" + MINIMAL
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError in this thread after ``seconds`` (a hang becomes a test failure, not a stuck run)."""
+    def stop(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    path = write(tmp_path, _bomb(10))
+    assert len(path.read_bytes()) < 1000
+    with time_limit(30):
+        code, out = run_prompts(path, capsys)
+    assert code == 2 and "expands to more than 100,000 values" in out and str(path) in out
+    assert "Traceback" not in out
+
+
+def test_aliases_within_the_budget_still_work(tmp_path):
+    text = MINIMAL.replace("person: [a woman, a man]", "person: &people [a woman, a man]") + "    who: *people\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert [v.text for v in recipe.prompts.slots["who"].values] == ["a woman", "a man"]
+    with pytest.raises(InputError, match="unknown key 'l0'"):       # 1,000 strings: read, then validated
+        load_recipe(write(tmp_path, _bomb(3), "small.yaml"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("seed: &a [*a]\n", "refers to the anchor (&name) of a node that contains it"),
+    ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nests too deeply"),
+])
+def test_recursive_and_runaway_yaml_are_input_errors(tmp_path, capsys, text, expected):
+    code, out = run_prompts(write(tmp_path, text), capsys)
+    assert code == 2 and expected in out and "Traceback" not in out

@@ -250,14 +250,24 @@ def _error_from_pydantic(path: Path, root: yaml.Node | None, err: dict, n_errors
                                                          "shows every field with its default)")
 
 
+# Most nodes a recipe may have once its aliases are expanded (the shipped recipes have about 2,000). YAML
+# aliases make a graph whose expansion can grow exponentially with the file ("billion laughs": 400 bytes
+# that expand to 10^10 nodes); every later step - duplicate-key check, validation - walks the expansion.
+MAX_EXPANDED_NODES = 100_000
+
+
 def _compose(path: Path, text: str) -> tuple[Any, yaml.Node | None]:
     """Parse YAML safely, returning the data and its node tree (for line numbers)."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is not None:
+            _check_expanded_size(path, node)
             _check_duplicate_keys(path, node)
         data = loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise InputError("the recipe nests too deeply to read", where=path,
+                         fix="a recipe needs only a few levels of nesting: check for runaway brackets") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark is not None else ""
@@ -267,6 +277,39 @@ def _compose(path: Path, text: str) -> tuple[Any, yaml.Node | None]:
     finally:
         loader.dispose()
     return data, node
+
+
+def _check_expanded_size(path: Path, root: yaml.Node) -> None:
+    """InputError when ``root`` expands (aliases followed) to more than MAX_EXPANDED_NODES nodes, or when an
+    alias refers to a node that contains it. Each distinct node is counted once, so this takes time linear in
+    the file, not in the expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise InputError("an alias (*name) refers to the anchor (&name) of a node that contains it",
+                             where=f"{path}, line {node.start_mark.line + 1}",
+                             fix="remove the self-reference: recipes cannot be recursive")
+        open_nodes.add(id(node))
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                break
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if size(root) > MAX_EXPANDED_NODES:
+        raise InputError(f"the recipe expands to more than {MAX_EXPANDED_NODES:,} values once its aliases "
+                         "(*name) are followed", where=path,
+                         fix="write the values out, or use fewer nested aliases (an alias of an alias of "
+                             "... multiplies the recipe's size at each level)")
 
 
 def _check_duplicate_keys(path: Path, node: yaml.Node, trail: tuple = ()) -> None:
