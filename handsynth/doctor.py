@@ -98,6 +98,31 @@ def check_model(model: str) -> Check:
                  f"run `huggingface-cli download {model}` once, or pass a local diffusers folder", required=False)
 
 
+DEFAULT_GUIDANCE = "models/attentionhand"
+
+
+def check_guidance(guidance: str) -> Check:
+    """The guidance module generate loads (a recipe's model.guidance): a folder with config.json, or one holding
+    controlnet/config.json as `handsynth convert` writes it; a hub id counts when it is in the local cache."""
+    name = f"guidance module {guidance}"
+    path = Path(guidance).expanduser()
+    if path.is_dir():
+        ok = (path / "config.json").is_file() or (path / "controlnet" / "config.json").is_file()
+        return Check(name, ok, "local folder" + ("" if ok else " without config.json or controlnet/config.json"),
+                     "point to the folder `handsynth convert` wrote (it holds controlnet/)")
+    if not looks_like_path(guidance) and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            where = snapshot_download(guidance, local_files_only=True, allow_patterns=["*config.json"])
+            return Check(name, True, f"in the Hugging Face cache ({where})")
+        except Exception:
+            pass
+    return Check(name, False, "no such folder (generate would stop with exit code 3)",
+                 "convert the released weights with `handsynth convert --ckpt attentionhand.ckpt` (writes "
+                 f"{DEFAULT_GUIDANCE}/), or pass --guidance with the folder your recipe's model.guidance names")
+
+
 def check_disk(path: Path, need_gib: float = 5.0) -> Check:
     path = path if path.exists() else Path.cwd()
     free = shutil.disk_usage(path).free / 2**30
@@ -109,12 +134,15 @@ def doctor(
     mano_dir: Annotated[Optional[Path], typer.Option(help="Folder with MANO_RIGHT.pkl/MANO_LEFT.pkl "
                                                      "(default: $HANDSYNTH_MANO_DIR).")] = None,
     model: Annotated[str, typer.Option(help="Base Stable Diffusion 1.5 model id or folder.")] = DEFAULT_BASE_MODEL,
+    guidance: Annotated[str, typer.Option(
+        help="Guidance module folder (a recipe's model.guidance).")] = DEFAULT_GUIDANCE,
     out: Annotated[Path, typer.Option(help="Where outputs will go (for the disk check).")] = Path("."),
 ) -> None:
-    """Check the renderer, MANO files, GPU, model files and disk space, and say how to fix what is missing."""
+    """Check the renderer, MANO files, GPU, base model, guidance module and disk space; say how to fix what is
+    missing."""
     checks: list[Callable[[], Check]] = [
         check_renderer, lambda: check_mano(mano_dir), check_gpu, lambda: check_model(model),
-        lambda: check_disk(out),
+        lambda: check_guidance(guidance), lambda: check_disk(out),
     ]
     failed = 0
     for make in checks:

@@ -309,3 +309,55 @@ def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny
     manifest = json.loads((tmp_path / "runs" / "outdoor-gen" / "manifest.json").read_text())
     assert manifest["inputs"]["run"] == str((tmp_path / "runs" / "new").resolve())
     assert len(list((tmp_path / "runs" / "outdoor-gen" / "images").glob("*.png"))) == 1
+
+
+def test_prompts_previews_exactly_the_prompts_generate_used(reference, small_render_run, capsys, monkeypatch,
+                                                            tmp_path, clip_tokenizer_dir):
+    from handsynth.prompts.templates import HAND_CONFIGS
+
+    monkeypatch.chdir(tmp_path)                    # no ./runs here: the recipe's inputs, then --run, decide
+    generated = {}
+    for path in (reference["out"] / "samples").glob("*.json"):
+        record = json.loads(path.read_text())
+        generated[record["index"]] = record
+    assert sorted(generated) == list(range(reference["count"]))
+    for extra in ([], ["--run", str(small_render_run)]):
+        assert main(["prompts", "--recipe", str(reference["recipe"]), "--count", str(reference["count"]), "--json",
+                     "--tokenizer", str(clip_tokenizer_dir), *extra]) == 0
+        previews = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [p["index"] for p in previews] == sorted(generated)
+        for p in previews:
+            g = generated[p["index"]]
+            assert (p["text"], p["hands"], p["hand_words"], p["token_indices"]) == (
+                g["prompt"], g["hands"], g["hand_words"], g["hand_token_indices"])
+    # the frames' real configurations are not the right/left/both cycle an index-only preview would show
+    assert [generated[i]["hands"] for i in sorted(generated)] != [HAND_CONFIGS[i % 3] for i in sorted(generated)]
+
+
+def test_a_huge_count_starts_at_once(tmp_path, capsys, monkeypatch, tiny_sd_dir, tiny_guidance_dir,
+                                     small_render_run):
+    """`--count 10**12` looks at the samples batch by batch: the first batch is generated after a few
+    completeness checks, not after 10**12 of them (stopped here by an interrupt after that batch)."""
+    from handsynth.generate import runner
+
+    checks = []
+    is_complete = runner.is_complete
+
+    def counting(*args, **kwargs):
+        checks.append(1)
+        if len(checks) > 1000:
+            raise AssertionError("checked 1000 samples before generating any")
+        return is_complete(*args, **kwargs)
+
+    generate = runner.Runner.generate
+
+    def first_batch_then_interrupt(self, specs, *args, **kwargs):
+        generate(self, specs, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "is_complete", counting)
+    monkeypatch.setattr(runner.Runner, "generate", first_batch_then_interrupt)
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {small_render_run}\n")
+    code, text = gen(capsys, recipe, "--count", str(10**12), "--out", str(tmp_path / "out"))
+    assert code == 130 and "rerun the same command to resume" in text
+    assert len(checks) == 2 and len(list((tmp_path / "out" / "samples").glob("*.json"))) == 2   # batch_size 2

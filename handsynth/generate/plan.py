@@ -93,7 +93,8 @@ def hand_config(sides: list[str]) -> str | None:
 
 
 class Plan:
-    """Maps a sample index to its :class:`SampleSpec`. ``tokenizer`` is the pipeline's (fast) CLIP tokenizer."""
+    """Maps a sample index to its :class:`SampleSpec`. ``tokenizer`` is the pipeline's (fast) CLIP tokenizer
+    (None when only :meth:`key` and :meth:`prompt` are used, as ``handsynth prompts --no-tokens`` does)."""
 
     def __init__(self, recipe, frames: list[FrameInput], tokenizer):
         if not frames:
@@ -105,13 +106,15 @@ class Plan:
         """The sample key of ``index`` (cheap: no prompt sampling)."""
         return sample_key(self.frames[index % len(self.frames)].key, index // len(self.frames))
 
+    def prompt(self, index: int) -> Prompt:
+        """The prompt of sample ``index`` (its frame's own text, or the recipe's for the frame's hands)."""
+        frame = self.frames[index % len(self.frames)]
+        return free_text_prompt(frame.text) if frame.text is not None else self.sampler(index, frame.hands)
+
     def __call__(self, index: int) -> SampleSpec:
         frame = self.frames[index % len(self.frames)]
         variant = index // len(self.frames)
-        if frame.text is not None:
-            prompt = free_text_prompt(frame.text)
-        else:
-            prompt = self.sampler(index, frame.hands)
+        prompt = self.prompt(index)
         tokens = hand_token_indices(self.tokenizer, prompt.text, prompt.hand_spans)
         return SampleSpec(index=index, frame=frame, variant=variant, key=sample_key(frame.key, variant),
                           prompt=prompt, token_indices=tokens, seed=noise_seed(self.recipe.seed, index),
