@@ -227,3 +227,14 @@ def test_cli_streams_its_output(weighted, monkeypatch, tmp_path):
     code = main(["prompts", "--recipe", str(weighted), "--count", "1000000", "--json", "--no-tokens"])
     assert code == 1 and len(reader.lines) == 3 and sampled == [0, 1, 2, 3]
     assert [json.loads(line)["index"] for line in reader.lines] == [0, 1, 2]
+
+
+def test_cli_corrupt_tokenizer_folder_is_a_clear_error(weighted, capsys, tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.json").write_text("not json at all")
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    code = main(["prompts", "--recipe", str(weighted), "--count", "1", "--hands", "right", "--tokenizer", str(folder)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 3 and f"cannot load the CLIP tokenizer of '{folder}'" in err and "damaged" in err
+    assert "Traceback" not in err and "huggingface-cli download " + str(folder) not in err

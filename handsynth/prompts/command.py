@@ -35,11 +35,12 @@ def _prompt_source(recipe, run: Optional[Path], hands: Optional[str]):
     texts). Without any render run, and with --hands: the recipe's templates for the given configuration
     ("all" cycles right/left/both by index).
     """
-    from handsynth.generate.plan import RENDER_STAGE, Plan, find_inputs
-    from handsynth.io import newest_run
+    from handsynth.generate.plan import Plan, find_inputs
+    from handsynth.render import layout as render_layout
+    from handsynth.rundir import newest_run
     from handsynth.prompts.templates import HAND_CONFIGS, PromptSampler
 
-    if hands is None and run is None and recipe.inputs is None and newest_run(RENDER_STAGE) is None:
+    if hands is None and run is None and recipe.inputs is None and newest_run(render_layout.STAGE) is None:
         hands = "all"
         note = ("no render run under ./runs/ and none given: cycling right/left/both by index; pass --run <render "
                 "run> to preview the prompts generate will use for its frames")
