@@ -382,3 +382,35 @@ def test_worker_processes_give_the_same_files(ih_run, tmp_path, mano_dir):
     labels, out, _ = ih_run
     render_run(labels, tmp_path / "two", mano_dir=mano_dir, workers=2)
     assert _files(tmp_path / "two") == _files(out)
+
+
+def test_an_image_larger_than_the_renderer_can_draw_is_refused_before_any_output(tmp_path, mano_dir, capsys):
+    from handsynth.render.renderer import max_render_size
+
+    limit = max_render_size()
+    labels = write_jsonl(tmp_path / "wide.jsonl", [jsonl_record("small"), jsonl_record("wide", width=limit + 1)])
+    code = main(["render", "--labels", str(labels), "--mano-dir", str(mano_dir), "--out", str(tmp_path / "run")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"frame wide is {limit + 1}x240 pixels, larger than the {limit}-pixel side" in err
+    assert str(labels) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_osmesa_library_is_a_one_paragraph_error(tmp_path, mano_dir):
+    """HANDSYNTH_GL_PLATFORM=osmesa on a machine without libOSMesa (a fresh process: the GL platform is chosen
+    once per process)."""
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library("OSMesa"):
+        pytest.skip("libOSMesa is installed here: nothing is missing")
+    labels = write_jsonl(tmp_path / "one.jsonl", [jsonl_record("one")])
+    env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"} | {"HANDSYNTH_GL_PLATFORM": "osmesa"}
+    done = subprocess.run([sys.executable, "-m", "handsynth.cli", "render", "--labels", str(labels), "--mano-dir",
+                           str(mano_dir), "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    err = " ".join(done.stderr.split())
+    assert done.returncode == 3 and "headless OpenGL through 'osmesa' is not available" in err, err
+    assert "libosmesa6" in err and "Traceback" not in err

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from handsynth.errors import MissingResourceError
 from handsynth.render.backend import configure_platform
 
 STYLES = ("mesh", "depth")
@@ -102,9 +103,7 @@ class HandRenderer:
         if style not in STYLES:
             raise ValueError(f"unknown render style {style!r}; known: {', '.join(STYLES)}")
         self.style = style
-        configure_platform()
-        import pyrender
-
+        pyrender = _import_pyrender()
         self._pyrender = pyrender
         self._material = pyrender.MetallicRoughnessMaterial(
             metallicFactor=0.0, roughnessFactor=0.7, alphaMode="OPAQUE", baseColorFactor=BASE_COLOR)
@@ -181,15 +180,46 @@ def _ordered_scene_class(pyrender):
     return _SCENE_CLASS
 
 
+def _gl_unavailable(platform: str, exc: BaseException) -> MissingResourceError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return MissingResourceError(
+        f"headless OpenGL through '{platform}' is not available on this machine: {reason}",
+        where="HANDSYNTH_GL_PLATFORM / PYOPENGL_PLATFORM",
+        fix="install the library (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri for egl, libosmesa6 for "
+            "osmesa), or choose the other platform with HANDSYNTH_GL_PLATFORM=egl|osmesa; `handsynth doctor` "
+            "checks it")
+
+
+def _import_pyrender():
+    """pyrender, imported with the configured GL platform; MissingResourceError when that library is missing."""
+    platform = configure_platform()
+    try:
+        import pyrender
+    except (ImportError, OSError, AttributeError) as exc:
+        raise _gl_unavailable(platform, exc) from None
+    return pyrender
+
+
 def _offscreen(pyrender):
     """The process's one OffscreenRenderer (created on first use, deleted at exit)."""
     global _OFFSCREEN
     if _OFFSCREEN is None:
         import atexit
 
-        _OFFSCREEN = pyrender.OffscreenRenderer(64, 64)
+        try:
+            _OFFSCREEN = pyrender.OffscreenRenderer(64, 64)
+        except Exception as exc:  # noqa: BLE001 - each GL platform fails its own way (ImportError, RuntimeError, ...)
+            raise _gl_unavailable(configure_platform(), exc) from None
         atexit.register(_release)
     return _OFFSCREEN
+
+
+def max_render_size() -> int:
+    """The largest image side this process's GL context can render (renderbuffer and viewport limits)."""
+    _offscreen(_import_pyrender())         # creating the renderer makes its context current
+    from OpenGL import GL
+
+    return int(min(GL.glGetIntegerv(GL.GL_MAX_RENDERBUFFER_SIZE), *GL.glGetIntegerv(GL.GL_MAX_VIEWPORT_DIMS)))
 
 
 def _release() -> None:

@@ -256,6 +256,7 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
     started = time.perf_counter()
     settings = _check_settings(style, local_size, crop_scale, workers)
     label_set = read_labels(Path(labels_path), format, limit=limit, companions=companions)
+    _check_render_size(label_set.frames, Path(labels_path))
     _check_unique_keys(label_set.frames, Path(labels_path))
     mano_root = resolve_mano_dir(Path(mano_dir) if mano_dir else None)
     model = HandModel(mano_root)
@@ -297,6 +298,24 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
         run.finish(counts=counts, elapsed_s=round(elapsed, 3), workers=workers)
     return RunSummary(out=out, frames=len(frames), rendered=len(done), already_done=counts["already_done"],
                       skipped=counts["skipped"], skipped_hands=counts["skipped_hands"], elapsed_s=elapsed)
+
+
+def _check_render_size(frames: list[Frame], source: Path) -> None:
+    """InputError when a frame's image is larger than the GL renderer can draw (checked before any output)."""
+    from handsynth.render.backend import configure_platform
+    from handsynth.render.renderer import max_render_size
+
+    if not frames:
+        return
+    limit = max_render_size()
+    big = next((f for f in frames if max(f.image_size) > limit), None)
+    if big is not None:
+        w, h = (int(v) for v in big.image_size)
+        raise InputError(
+            f"frame {big.key} is {w}x{h} pixels, larger than the {limit}-pixel side this OpenGL renderer "
+            f"({configure_platform()}) can draw", where=source,
+            fix="check the frame's image size in the labels; for truly larger images, crop them (shifting the "
+                "principal point) or render on a machine whose driver allows larger images (NVIDIA EGL: 32768)")
 
 
 def _check_settings(style: str, local_size: int, crop_scale: float, workers: int) -> Settings:
