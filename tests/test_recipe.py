@@ -237,3 +237,35 @@ def test_aliases_within_the_budget_still_work(tmp_path):
 def test_recursive_and_runaway_yaml_are_input_errors(tmp_path, capsys, text, expected):
     code, out = run_prompts(write(tmp_path, text), capsys)
     assert code == 2 and expected in out and "Traceback" not in out
+
+
+def test_tas_resolution_that_no_layer_of_the_model_has_is_an_input_error(tmp_path, capsys, tiny_sd_dir,
+                                                                           tiny_guidance_dir):
+    """8 divides the tiny model's 32x32 latent, but its cross-attention maps are 32x32 and 16x16 only: the
+    run stops before any output instead of failing inside TAS."""
+    modalities = SHARED / "samples" / "attentionhand-official" / "modalities.json"
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, prompts="",
+                              extra=f"inputs:\n  modalities: {modalities}\n")
+    recipe.write_text(recipe.read_text().replace("attention_res: 16", "attention_res: 8"))
+    code, text = main_generate(capsys, recipe, "--out", str(tmp_path / "out"))
+    assert code == 2 and "no cross-attention layer with 8x8 maps at image.size 64" in text, text
+    assert f"{recipe}, field tas.attention_res, line 10" in text and "set tas.attention_res to one of 16, 32" in text
+    assert "Traceback" not in text and not (tmp_path / "out").exists()
+
+
+def test_cross_attention_resolutions_match_the_layers_a_forward_pass_runs(tiny_sd_dir):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from handsynth.attentionhand.tas import cross_attention_resolutions
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out: seen.add(int(args[0].shape[1] ** 0.5)),
+                                     with_kwargs=True)
+             for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 24, 24), 1, encoder_hidden_states=torch.zeros(1, 77, 32))
+    for h in hooks:
+        h.remove()
+    assert cross_attention_resolutions(unet, 24) == sorted(seen) == [12, 24]

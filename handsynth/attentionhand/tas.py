@@ -186,6 +186,18 @@ class TASAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def cross_attention_resolutions(unet, latent_size: int) -> list[int]:
+    """The sides of the cross-attention maps ``unet`` makes for a ``latent_size`` x ``latent_size`` latent
+    (each UNet level halves the side; SD1.5 at a 64 latent: [8, 16, 32, 64])."""
+    config = unet.config
+    down, up = list(config.down_block_types), list(config.up_block_types)
+    sides = {latent_size >> i for i, kind in enumerate(down) if "CrossAttn" in kind}
+    sides |= {latent_size >> (len(up) - 1 - i) for i, kind in enumerate(up) if "CrossAttn" in kind}
+    if "CrossAttn" in str(getattr(config, "mid_block_type", "") or ""):
+        sides.add(latent_size >> (len(down) - 1))
+    return sorted(s for s in sides if s > 0)
+
+
 @contextmanager
 def tas_processors(unet, store: AttentionStore) -> Iterator[AttentionStore]:
     """Install :class:`TASAttnProcessor` on every cross-attention layer (``attn2``) of ``unet``; restore after.

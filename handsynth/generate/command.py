@@ -63,6 +63,7 @@ def generate(
     from handsynth.attentionhand.loading import load_pipeline
     from handsynth.generate import runner
     from handsynth.generate.plan import find_inputs
+    from handsynth.attentionhand.tas import cross_attention_resolutions
     from handsynth.prompts.recipe import check_tas_resolution, load_recipe
 
     loaded = load_recipe(recipe)
@@ -106,7 +107,8 @@ def generate(
     runner.check_out_dir(Path(out), prints)       # before the slow model load; nothing is created yet
     pipe = load_pipeline(loaded.model.base, loaded.model.guidance, dtype=precision, device=device,
                          scheduler=loaded.sampler.scheduler)
-    check_tas_resolution(loaded, pipe.vae_scale_factor)
+    check_tas_resolution(loaded, pipe.vae_scale_factor, cross_attention_resolutions(
+        pipe.unet, loaded.image.size // pipe.vae_scale_factor))
     summary = runner.run(loaded, inputs, pipe, out=Path(out), start=start, count=count, batch_size=batch_size,
                          device=device, precision=precision, model=model, prints=prints)
     stdout.print(f"generated {summary.done} image(s), {summary.skipped} already done, into {summary.out} "

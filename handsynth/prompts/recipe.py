@@ -370,25 +370,34 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                         f"{', '.join(sorted(prompts.slots)) or 'none'})")
 
 
-def check_tas_resolution(recipe: Recipe, latent_factor: int) -> None:
+def check_tas_resolution(recipe: Recipe, latent_factor: int, resolutions: list[int] | None = None) -> None:
     """TAS records cross-attention at ``attention_res`` rows: it must divide the latent size
-    (image.size / ``latent_factor``, the loaded model's VAE factor: 8 for SD1.5). Checked at generate
-    time, when the model is loaded; raises InputError naming the recipe file and ``tas.attention_res``."""
+    (image.size / ``latent_factor``, the loaded model's VAE factor: 8 for SD1.5) and, given the model's
+    cross-attention map sides at that size (``resolutions``), be one of them. Checked at generate time, when
+    the model is loaded; raises InputError naming the recipe file and ``tas.attention_res``."""
     tas, latent = recipe.tas, recipe.image.size // latent_factor
-    if not tas.enabled or tas.max_steps == 0 or (recipe.image.size % latent_factor == 0
-                                                 and latent % tas.attention_res == 0):
+    if not tas.enabled or tas.max_steps == 0:
+        return
+    divides = recipe.image.size % latent_factor == 0 and latent % tas.attention_res == 0
+    if divides and (resolutions is None or tas.attention_res in resolutions):
         return
     where = f"{recipe.path or 'recipe'}, field tas.attention_res"
     if recipe.path is not None and "attention_res" in recipe.tas.model_fields_set:
         _, root = _compose(recipe.path, recipe.path.read_text(encoding="utf-8"))
         where = _where(recipe.path, root, ("tas", "attention_res"))
-    usable = [latent // f for f in (4, 2, 8) if latent % f == 0]
+    if not divides:
+        usable = [latent // f for f in (4, 2, 8) if latent % f == 0]
+        raise InputError(
+            f"tas.attention_res {tas.attention_res} does not divide the latent size {latent} (image.size "
+            f"{recipe.image.size} / the model's VAE factor {latent_factor}), so no cross-attention layer has that "
+            "resolution", where=where,
+            fix=(f"set tas.attention_res to {usable[0]} (a quarter of the latent size, SD1.5's 16 at 512) or "
+                 if usable else "") + f"choose an image.size that is a multiple of {16 * latent_factor}")
     raise InputError(
-        f"tas.attention_res {tas.attention_res} does not divide the latent size {latent} (image.size "
-        f"{recipe.image.size} / the model's VAE factor {latent_factor}), so no cross-attention layer has that "
-        "resolution", where=where,
-        fix=(f"set tas.attention_res to {usable[0]} (a quarter of the latent size, SD1.5's 16 at 512) or "
-             if usable else "") + f"choose an image.size that is a multiple of {16 * latent_factor}")
+        f"the model has no cross-attention layer with {tas.attention_res}x{tas.attention_res} maps at image.size "
+        f"{recipe.image.size} (its layers' maps: {', '.join(f'{r}x{r}' for r in resolutions) or 'none'})",
+        where=where, fix=f"set tas.attention_res to one of {', '.join(map(str, resolutions))}" if resolutions
+        else "turn TAS off (tas.enabled: false): this model has no cross-attention")
 
 
 def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
