@@ -6,7 +6,9 @@ name) holding the run's complete samples (those with ``samples/<key>.json``) in 
 
 - layout ``handsynth`` (default): ``<key>.jpg|png`` the generated image (bytes as generated),
   ``<key>.mesh.png`` the render run's global mesh image, ``<key>.local.jpg|png`` /
-  ``<key>.local_mesh.png`` the generated local image and its mesh image when present, and
+  ``<key>.local_mesh.png`` the generated local image and its mesh image when present,
+  ``<key>.depth.png`` / ``<key>.local_depth.png`` the depth images when the render run has them
+  (``--style depth`` or ``mesh,depth``; a depth-only run has no ``mesh.png``), and
   ``<key>.json``: the render label file (original annotation + derived joints/boxes, units and
   joint order named) with a ``generation`` block added (the sample file's fields, the generated
   image size, the recipe sha256 and the model ids from the generate manifest).
@@ -47,6 +49,9 @@ LAYOUTS = ("handsynth", "hamer")
 GENERATE_STAGE = generate_layout.STAGE
 INDEX = "index.json"
 IMAGE_EXTS = generate_layout.IMAGE_EXTS
+#: Render images (label ``images`` names) -> sample members, when the render run has them.
+CONDITION_MEMBERS = {"global": "mesh.png", "local": "local_mesh.png", "depth_global": "depth.png",
+                     "depth_local": "local_depth.png"}
 TAR_MTIME = 946684800            # 2000-01-01T00:00:00Z for every member: reruns are byte-identical
 TAR_OWNER = "handsynth"
 TAR_MODE = 0o444
@@ -120,9 +125,11 @@ class RecordBuilder:
 
             members["data.pyd"] = encode_pyd(hamer_hands(label, size, self.hands_mean))
             return members
-        members["mesh.png"] = render_layout.read_image(render, label, "global")
-        if label["images"].get("local") and (render / label["images"]["local"]).is_file():
-            members["local_mesh.png"] = render_layout.read_image(render, label, "local")
+        for name, member in CONDITION_MEMBERS.items():
+            rel = label["images"].get(name)
+            if rel is None or (name.endswith("local") and not (render / rel).is_file()):
+                continue
+            members[member] = render_layout.read_image(render, label, name)
         if sample.local is not None:
             members[f"local{sample.local.suffix}"] = generate_layout.read_output(sample, "local")
         return members
@@ -354,7 +361,7 @@ def verify_shards(out: Path) -> VerifySummary:
                          fix="rerun the `handsynth export` command that wrote it, with --overwrite")
     fingerprint = index.get("fingerprint") or {}
     layout = fingerprint.get("layout", "handsynth") if isinstance(fingerprint, dict) else "handsynth"
-    required = {"json"} | ({"data.pyd"} if layout == "hamer" else {"mesh.png"})
+    required = {"json"} | ({"data.pyd"} if layout == "hamer" else set())
     problems: list[str] = []
     if index.get("status") != rundir.COMPLETE:
         problems.append(f"the export did not finish (it {rundir.describe_status(out, index)}; rerun it)")
@@ -402,6 +409,8 @@ def _check_sample(sample: dict[str, Any], required: set[str]) -> list[str]:
     from PIL import Image
 
     problems = [f"no '{name}' member" for name in sorted(required - set(sample))]
+    if "data.pyd" not in required and not {"mesh.png", "depth.png"} & set(sample):
+        problems.append("no condition image member (mesh.png or depth.png)")
     images = [sample[ext] for ext in IMAGE_EXTS if ext in sample]
     if len(images) != 1 or not isinstance(images[0], Image.Image):
         problems.append("no decodable generated image (jpg or png)")

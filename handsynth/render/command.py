@@ -44,7 +44,10 @@ def render(
     workers: Annotated[int, typer.Option(
         min=1, help="Worker processes, each with its own renderer; output does not depend on it.")] = 1,
     style: Annotated[str, typer.Option(
-        help="Mesh image style: 'mesh' (AttentionHand's near-white shaded mesh on black) or 'depth'.")] = "mesh",
+        help="Condition image style(s): 'mesh' (AttentionHand's near-white shaded mesh on black, global/ and "
+             "local/), 'depth' (depth-ControlNet convention: relative inverse depth, near bright, far dark, "
+             "background black, normalised per image; depth_global/ and depth_local/), or 'mesh,depth' for "
+             "both from one render with one set of labels.")] = "mesh",
     local_size: Annotated[int, typer.Option(
         help="Side in pixels of the local (hand crop) images.")] = 512,
 ) -> None:

@@ -7,9 +7,10 @@ diag(1, -1, -1) - a rotation, which keeps face winding - and the principal point
 half a pixel. The camera sits at the scene origin; lights are fixed in camera space, so every
 hand is lit the same way wherever it is.
 
-Styles: "mesh" - a smooth-shaded near-white mesh (base colour (1.0, 1.0, 0.9)) on pure black, as
-in AttentionHand's mesh images; "depth" - grey levels from near (bright) to far (dim) over the
-meshes' own depth range, black background.
+Styles (one render gives both): "mesh" - ``Rendering.color``, a smooth-shaded near-white mesh (base
+colour (1.0, 1.0, 0.9)) on pure black, as in AttentionHand's mesh images; "depth" -
+:func:`depth_image` of ``Rendering.depth``, the convention depth ControlNets were trained on (MiDaS-style
+relative inverse depth: near bright, far dark, background black, normalised per image).
 
 One pyrender.OffscreenRenderer per process is created lazily and reused for every frame and
 every HandRenderer (pyrender's EGL teardown terminates the display, which would break any other
@@ -29,6 +30,9 @@ from handsynth.errors import MissingResourceError
 from handsynth.render.backend import configure_platform
 
 STYLES = ("mesh", "depth")
+# Depth style: grey level of the farthest mesh pixel of an image (the nearest is 255). Above 0 so that the
+# far side of a hand stays apart from the black (infinitely far) background.
+DEPTH_FAR_LEVEL = 64
 BASE_COLOR = (1.0, 1.0, 0.9, 1.0)
 ZNEAR, ZFAR = 0.01, 100.0                     # metres: hands are expected at 0.2-5 m
 AMBIENT = (0.3, 0.3, 0.3)
@@ -99,10 +103,7 @@ def _light_pose(direction: Sequence[float]) -> np.ndarray:
 class HandRenderer:
     """Renders several hand meshes, z-buffered together, through one or more pinhole views."""
 
-    def __init__(self, style: str = "mesh"):
-        if style not in STYLES:
-            raise ValueError(f"unknown render style {style!r}; known: {', '.join(STYLES)}")
-        self.style = style
+    def __init__(self):
         pyrender = _import_pyrender()
         self._pyrender = pyrender
         self._material = pyrender.MetallicRoughnessMaterial(
@@ -114,13 +115,11 @@ class HandRenderer:
 
         pyrender = self._pyrender
         scene = _ordered_scene_class(pyrender)(bg_color=np.zeros(4), ambient_light=np.array(AMBIENT))
-        z_range = []
         for vertices, faces in meshes:
             vertices = np.asarray(vertices, dtype=np.float64)
             faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
             tm = trimesh.Trimesh(vertices @ _CV_TO_GL.T, faces, process=False)
             scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True))
-            z_range += [vertices[:, 2].min(), vertices[:, 2].max()]
         for direction, intensity in LIGHTS:
             scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=intensity),
                       pose=_light_pose(direction))
@@ -133,8 +132,6 @@ class HandRenderer:
                 scene.remove_node(camera_node)
             camera_node = scene.add(camera, pose=np.eye(4))
             color, depth = self._render_scene(scene, view.size)
-            if self.style == "depth":
-                color = _depth_image(depth, min(z_range, default=0.0), max(z_range, default=1.0))
             out.append(Rendering(color=color, depth=depth))
         return out
 
@@ -232,9 +229,20 @@ def _release() -> None:
         _OFFSCREEN = None
 
 
-def _depth_image(depth: np.ndarray, z_near: float, z_far: float) -> np.ndarray:
-    """Grey RGB image of ``depth``: 255 at ``z_near``, 64 at ``z_far`` (metres), black where empty."""
-    span = max(z_far - z_near, 1e-6)
-    level = 255.0 - 191.0 * np.clip((depth - z_near) / span, 0.0, 1.0)
-    grey = np.where(depth > 0, np.rint(level), 0).astype(np.uint8)
+def depth_image(depth: np.ndarray) -> np.ndarray:
+    """The depth-style RGB uint8 image of a Z buffer (camera Z in metres, 0 = no mesh).
+
+    MiDaS-style relative inverse depth, as depth ControlNets were trained on: per mesh pixel the disparity
+    d = 1/Z, normalised over THIS image's mesh pixels, t = (d - d_min) / (d_max - d_min), grey level
+    rint(64 + 191 t): the nearest pixel 255, the farthest 64 (:data:`DEPTH_FAR_LEVEL`), every pixel
+    without mesh 0 (black, infinitely far). A flat image (one depth) is 255. Grey in all three channels.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    mesh = depth > 0
+    grey = np.zeros(depth.shape, dtype=np.uint8)
+    if mesh.any():
+        disparity = 1.0 / depth[mesh]
+        near, far = disparity.max(), disparity.min()
+        t = (disparity - far) / (near - far) if near > far else np.ones_like(disparity)
+        grey[mesh] = np.rint(DEPTH_FAR_LEVEL + (255 - DEPTH_FAR_LEVEL) * t).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
