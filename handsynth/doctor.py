@@ -10,7 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from handsynth.console import stdout
-from handsynth.hub import DEFAULT_BASE_MODEL, local_files_only, looks_like_path
+from handsynth.hub import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE, local_files_only, looks_like_path
 
 
 @dataclass
@@ -98,29 +98,33 @@ def check_model(model: str) -> Check:
                  f"run `huggingface-cli download {model}` once, or pass a local diffusers folder", required=False)
 
 
-DEFAULT_GUIDANCE = "models/attentionhand"
-
-
 def check_guidance(guidance: str) -> Check:
-    """The guidance module generate loads (a recipe's model.guidance): a folder with config.json, or one holding
-    controlnet/config.json as `handsynth convert` writes it; a hub id counts when it is in the local cache."""
-    name = f"guidance module {guidance}"
-    path = Path(guidance).expanduser()
-    if path.is_dir():
-        ok = (path / "config.json").is_file() or (path / "controlnet" / "config.json").is_file()
-        return Check(name, ok, "local folder" + ("" if ok else " without config.json or controlnet/config.json"),
-                     "point to the folder `handsynth convert` wrote (it holds controlnet/)")
-    if not looks_like_path(guidance) and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
+    """Whether the guidance module generate would load (a recipe's model.guidance) is here: anything
+    ``loading.resolve_guidance`` accepts (converted folder or its controlnet/, ControlNet folder, hub id in the
+    local cache, original-format .safetensors file, none)."""
+    from handsynth.attentionhand.loading import hint_shapes, missing_guidance, resolve_guidance
+    from handsynth.errors import HandsynthError
 
-            where = snapshot_download(guidance, local_files_only=True, allow_patterns=["*config.json"])
-            return Check(name, True, f"in the Hugging Face cache ({where})")
-        except Exception:
-            pass
-    return Check(name, False, "no such folder (generate would stop with exit code 3)",
-                 "convert the released weights with `handsynth convert --ckpt attentionhand.ckpt` (writes "
-                 f"{DEFAULT_GUIDANCE}/), or pass --guidance with the folder your recipe's model.guidance names")
+    name = f"guidance module {guidance}"
+    try:
+        source = resolve_guidance(guidance)
+        if source.kind == "single-file":
+            channels, widths = hint_shapes(Path(source.location))
+            return Check(name, True, f"{source.describe()}; {channels}-channel condition, hint encoder "
+                                     f"{'/'.join(map(str, widths))}")
+    except HandsynthError as exc:
+        return Check(name, False, exc.what + (f" ({exc.where})" if exc.where else ""), exc.fix or "")
+    if source.kind == "hub":
+        hub = check_model(source.location)
+        if hub.ok or not hub.required:
+            return Check(name, hub.ok, f"hub ControlNet: {hub.detail}", hub.fix, hub.required)
+        error = missing_guidance(source, RuntimeError(hub.detail))   # the advice for a folder and for a hub id
+        return Check(name, False, f"no such folder ({Path(guidance).resolve()}), and no hub ControlNet of that name "
+                                  "in the local Hugging Face cache (generate would stop with exit code 3)",
+                     error.fix or "")
+    if source.kind in ("folder", "pipeline"):
+        return Check(name, True, f"local folder: {source.describe()}")
+    return Check(name, True, source.describe())
 
 
 def check_disk(path: Path, need_gib: float = 5.0) -> Check:
@@ -135,11 +139,19 @@ def doctor(
                                                      "(default: $HANDSYNTH_MANO_DIR).")] = None,
     model: Annotated[str, typer.Option(help="Base Stable Diffusion 1.5 model id or folder.")] = DEFAULT_BASE_MODEL,
     guidance: Annotated[str, typer.Option(
-        help="Guidance module folder (a recipe's model.guidance).")] = DEFAULT_GUIDANCE,
+        help="Guidance module: converted AttentionHand folder, ControlNet folder or hub id, original-format "
+             ".safetensors ControlNet file, or none.")] = DEFAULT_GUIDANCE,
+    recipe: Annotated[Optional[Path], typer.Option(
+        help="Check the base model and guidance this recipe names (instead of --model / --guidance).")] = None,
     out: Annotated[Path, typer.Option(help="Where outputs will go (for the disk check).")] = Path("."),
 ) -> None:
     """Check the renderer, MANO files, GPU, base model, guidance module and disk space; say how to fix what is
     missing."""
+    if recipe is not None:
+        from handsynth.prompts.recipe import load_recipe
+
+        loaded = load_recipe(recipe)
+        model, guidance = loaded.model.base, loaded.model.guidance
     checks: list[Callable[[], Check]] = [
         check_renderer, lambda: check_mano(mano_dir), check_gpu, lambda: check_model(model),
         lambda: check_guidance(guidance), lambda: check_disk(out),

@@ -34,3 +34,17 @@ def test_doctor_does_not_call_a_run_ready_without_the_guidance_module(mano_dir, 
     out = " ".join(capsys.readouterr().out.split())
     assert code == 1 and "MISSING guidance module models/attentionhand" in out
     assert "1 required piece(s) missing" in out and "everything a run needs" not in out
+
+
+def test_doctor_checks_the_guidance_a_recipe_names(mano_dir, tiny_sd8_dir, tiny_controlnet, capsys, tmp_path):
+    from tests.fixtures.generate import write_gen_recipe
+
+    recipe = write_gen_recipe(tmp_path, tiny_sd8_dir, tiny_controlnet.file)
+    code = main(["doctor", "--mano-dir", str(mano_dir), "--recipe", str(recipe), "--out", str(tmp_path)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out
+    assert f"original-format ControlNet file {tiny_controlnet.file}" in out
+    assert "3-channel condition, hint encoder 16/32/96/256" in out and f"model {tiny_sd8_dir}: local folder" in out
+    recipe.write_text(recipe.read_text().replace(str(tiny_controlnet.file), str(tmp_path / "gone.safetensors")))
+    assert main(["doctor", "--mano-dir", str(mano_dir), "--recipe", str(recipe), "--out", str(tmp_path)]) == 1
+    assert "gone.safetensors' does not exist" in " ".join(capsys.readouterr().out.split())

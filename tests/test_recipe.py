@@ -76,6 +76,26 @@ def test_modalities_inputs_need_no_prompts(tmp_path):
     assert r.prompts is None and r.inputs.modalities == sample and r.inputs.root is None
 
 
+def test_model_paths_beside_the_recipe_then_in_the_working_directory(tmp_path, monkeypatch):
+    work, cfg = tmp_path / "work", tmp_path / "cfg"
+    (work / "models" / "attentionhand").mkdir(parents=True)
+    (work / "models" / "depth.safetensors").write_bytes(b"")
+    (cfg / "models" / "sd15").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    model = "model:\n  base: models/sd15\n  guidance: {}\n  condition: depth\n"
+    r = load_recipe(write(cfg, MINIMAL + model.format("models/attentionhand")))
+    assert r.model.base == str((cfg / "models" / "sd15").resolve())                 # beside the recipe
+    assert r.model.guidance == str((work / "models" / "attentionhand").resolve())   # else the working directory
+    assert r.model.condition == "depth"
+    r = load_recipe(write(cfg, MINIMAL + model.format("models/depth.safetensors")))
+    assert r.model.guidance == str((work / "models" / "depth.safetensors").resolve())
+    (cfg / "models" / "attentionhand").mkdir()
+    r = load_recipe(write(cfg, MINIMAL + model.format("models/attentionhand")))
+    assert r.model.guidance == str((cfg / "models" / "attentionhand").resolve())    # the recipe's folder first
+    for written in ("none", "lllyasviel/control_v11f1p_sd15_depth", "models/not-here"):
+        assert load_recipe(write(cfg, MINIMAL + model.format(written))).model.guidance == written
+
+
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     r = load_recipe(path)

@@ -47,11 +47,14 @@ class Summary:
 
 
 def guidance_files(guidance: str) -> dict[str, str] | None:
-    """sha256 of each .safetensors file of a local guidance folder (None for a hub id)."""
-    folder = Path(guidance).expanduser()
-    if not folder.is_dir():
+    """sha256 of a local guidance file, or of each .safetensors file of a local guidance folder (None for a
+    hub id or ``none``)."""
+    path = Path(guidance).expanduser()
+    if path.is_file():
+        return {path.name: io.sha256_file(path)}
+    if not path.is_dir():
         return None
-    return {str(p.relative_to(folder)): io.sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+    return {str(p.relative_to(path)): io.sha256_file(p) for p in sorted(path.rglob("*.safetensors"))}
 
 
 def _digest(obj: Any) -> str:

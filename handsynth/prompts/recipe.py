@@ -8,9 +8,10 @@ input paths raise :class:`~handsynth.errors.InputError` naming the recipe file, 
 (e.g. ``sampler.steps``), its line and a fix.
 
 Paths: relative paths written in a recipe (``inputs.*``, ``output``) resolve against the recipe
-file's folder. ``model.base`` / ``model.guidance`` are kept as written (a hub id or a path relative to
-the working directory) unless a folder of that name exists beside the recipe. The default output
-folder, ``runs/<recipe stem>-gen``, is relative to the working directory.
+file's folder. ``model.base`` / ``model.guidance`` (see :func:`resolve_model_path`) are looked up beside
+the recipe, then in the working directory; a name found in neither stays as written (a hub id, or a
+missing path that loading reports). The default output folder, ``runs/<recipe stem>-gen``, is relative
+to the working directory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handsynth.hub import DEFAULT_BASE_MODEL
+from handsynth.hub import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE
 from handsynth.errors import InputError
 from handsynth.keys import sanitize
 from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names
@@ -58,8 +59,13 @@ class Inputs(_Strict):
 
 
 class ModelConfig(_Strict):
+    """``guidance``: AttentionHand's converted folder (or its controlnet/), any SD1.5 ControlNet folder or hub
+    id, an original-format .safetensors ControlNet file, or ``none``; ``condition``: which render images
+    feed it (``mesh``: global/ + local/, ``depth``: depth_global/ + depth_local/)."""
+
     base: str = DEFAULT_BASE_MODEL
-    guidance: str = "models/attentionhand"
+    guidance: str = DEFAULT_GUIDANCE
+    condition: Literal["mesh", "depth"] = "mesh"
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
 
 
@@ -430,13 +436,24 @@ def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     elif not recipe.output.expanduser().is_absolute():
         recipe.output = folder / recipe.output
     for name in ("base", "guidance"):
-        value = getattr(recipe.model, name)
-        if not Path(value).expanduser().is_absolute() and (folder / value).exists():
-            setattr(recipe.model, name, str(folder / value))
+        setattr(recipe.model, name, resolve_model_path(getattr(recipe.model, name), folder))
     if recipe.prompts is None and (inputs is None or inputs.modalities is None):
         raise InputError("the recipe has no 'prompts' section", where=_where(path, root, ()),
                          fix=f"add prompts.templates and prompts.slots (copy them from {EXAMPLE}); only recipes "
                              "whose inputs are a modalities file, which carries its own prompts, may leave it out")
+
+
+def resolve_model_path(value: str, recipe_folder: Path) -> str:
+    """``model.base`` / ``model.guidance`` as loading should see it: ``none`` and absolute paths as written; a
+    relative path that exists beside the recipe, else in the working directory, as that absolute path;
+    anything else as written (a hub id such as owner/name, or a path that loading reports as missing)."""
+    path = Path(value).expanduser()
+    if value.strip().lower() == "none" or path.is_absolute():
+        return value
+    for folder in (recipe_folder, Path.cwd()):
+        if (folder / path).exists():
+            return str((folder / path).resolve())
+    return value
 
 
 def load_recipe(path: str | Path) -> Recipe:
