@@ -18,6 +18,7 @@ from handsynth.console import console
 from handsynth.attentionhand.convert_command import convert
 from handsynth.doctor import doctor
 from handsynth.errors import HandsynthError
+from handsynth.evaluate.command import evaluate
 from handsynth.export.command import export
 from handsynth.generate.command import generate
 from handsynth.prompts.command import prompts
@@ -57,6 +58,7 @@ app.command("render")(render)
 app.add_typer(recipes_app)
 app.command("prompts")(prompts)
 app.command("generate")(generate)
+app.command("evaluate")(evaluate)
 app.command("export")(export)
 app.command("convert")(convert)
 app.command("doctor")(doctor)

@@ -127,6 +127,28 @@ def check_guidance(guidance: str) -> Check:
     return Check(name, True, source.describe())
 
 
+def check_inception() -> Check:
+    from handsynth.evaluate.inception import INCEPTION_FILE, find_weights, weights_hint
+
+    found = find_weights(None)
+    if found is None:
+        return Check("Inception weights (evaluate: FID/KID)", False, f"{INCEPTION_FILE} is not in torch hub's cache",
+                     weights_hint(), required=False)
+    return Check("Inception weights (evaluate: FID/KID)", True, str(found))
+
+
+def check_hand_model() -> Check:
+    from handsynth.evaluate.landmarker import build_hint, find_hand_model, mediapipe_version
+
+    name = "hand model (evaluate: hand confidence, keypoint errors)"
+    if mediapipe_version() is None:
+        return Check(name, False, "mediapipe is not installed", "pip install 'handsynth[eval]'", required=False)
+    found = find_hand_model(None)
+    if found is None:
+        return Check(name, False, "no hand_landmarker.task built yet", build_hint(), required=False)
+    return Check(name, True, f"{found} (mediapipe {mediapipe_version()})")
+
+
 def check_disk(path: Path, need_gib: float = 5.0) -> Check:
     path = path if path.exists() else Path.cwd()
     free = shutil.disk_usage(path).free / 2**30
@@ -145,8 +167,8 @@ def doctor(
         help="Check the base model and guidance this recipe names (instead of --model / --guidance).")] = None,
     out: Annotated[Path, typer.Option(help="Where outputs will go (for the disk check).")] = Path("."),
 ) -> None:
-    """Check the renderer, MANO files, GPU, base model, guidance module and disk space; say how to fix what is
-    missing."""
+    """Check the renderer, MANO files, GPU, base model, guidance module, evaluation models and disk space; say how
+    to fix what is missing."""
     if recipe is not None:
         from handsynth.prompts.recipe import load_recipe
 
@@ -154,7 +176,7 @@ def doctor(
         model, guidance = loaded.model.base, loaded.model.guidance
     checks: list[Callable[[], Check]] = [
         check_renderer, lambda: check_mano(mano_dir), check_gpu, lambda: check_model(model),
-        lambda: check_guidance(guidance), lambda: check_disk(out),
+        lambda: check_guidance(guidance), check_inception, check_hand_model, lambda: check_disk(out),
     ]
     failed = 0
     for make in checks:

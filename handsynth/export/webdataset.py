@@ -68,6 +68,7 @@ class ExportSummary:
     bytes: int
     elapsed_s: float
     verified: "VerifySummary | None" = None
+    filtered: dict[str, Any] | None = None      # the quality gate's record, when one was applied
 
 
 @dataclass
@@ -207,8 +208,11 @@ def holds_only_an_export(out: Path) -> bool:
 
 def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: int = 1000,
                layout: str = "handsynth", overwrite: bool = False, verify: bool = True,
-               mano_dir: Path | None = None, command: list[str] | None = None) -> ExportSummary:
+               mano_dir: Path | None = None, command: list[str] | None = None, gate=None) -> ExportSummary:
     """Export the generate run ``run`` as WebDataset shards in ``out`` (see the module docstring).
+
+    ``gate`` (a :class:`handsynth.evaluate.gate.Gate`) keeps only the samples whose evaluation scores
+    pass; index.json then records the thresholds and what was dropped and why.
 
     Raises InputError on bad options, a run that is not a generate run, missing or damaged input
     files, or an ``out`` holding an export of other inputs (unless ``overwrite``) or anything but an
@@ -221,6 +225,14 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
     if not source.samples:
         raise InputError("the generate run has no complete sample (no samples/<key>.json yet)", where=run,
                          fix="let `handsynth generate` finish some samples first")
+    filtered = None
+    if gate is not None:
+        from handsynth.evaluate.gate import apply
+
+        source.samples, filtered = apply(gate, source.path, source.samples)
+        if not source.samples:
+            raise InputError(f"the quality gate dropped every sample ({filtered['dropped']})", where=run,
+                             fix="lower --min-hand-score or raise --max-keypoint-error")
     name = sanitize(source.path.resolve().name)
     builder = RecordBuilder(source, layout, mano_dir)
     chunks = [source.samples[i:i + shard_size] for i in range(0, len(source.samples), shard_size)]
@@ -228,6 +240,8 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
     identity = {"format": format, "layout": layout, "shard_size": shard_size, "name": name,
                 "generate_run": str(source.path.resolve()),
                 "recipe_sha256": builder.extra["recipe_sha256"], "inputs": source.manifest.get("inputs")}
+    if gate is not None:
+        identity["filter"] = gate.identity()
     target = rundir.RunDir(out, STAGE, fingerprint=identity, command=command, manifest=INDEX, replace=overwrite,
                            recognise=holds_only_an_export, what="export run")
     if target.check():
@@ -235,7 +249,8 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
 
     entries: list[dict[str, Any]] = []
     written = kept = 0
-    with target.open(samples=0, incomplete_samples_skipped=source.incomplete, shards=[]):
+    with target.open(samples=0, incomplete_samples_skipped=source.incomplete,
+                     **({"filter": filtered} if filtered else {}), shards=[]):
         out = target.out
         earlier = _earlier_shards(target)
         with progress("samples") as bar:
@@ -261,7 +276,8 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
         target.finish(samples=sum(e["count"] for e in entries), shards=entries)
     summary = ExportSummary(out=out, shards=len(entries), written=written, kept=kept,
                             samples=len(source.samples), incomplete=source.incomplete,
-                            bytes=sum(e["bytes"] for e in entries), elapsed_s=time.perf_counter() - started)
+                            bytes=sum(e["bytes"] for e in entries), elapsed_s=time.perf_counter() - started,
+                            filtered=filtered)
     if verify:
         summary.verified = verify_shards(out)
     return summary
