@@ -48,3 +48,22 @@ def test_doctor_checks_the_guidance_a_recipe_names(mano_dir, tiny_sd8_dir, tiny_
     recipe.write_text(recipe.read_text().replace(str(tiny_controlnet.file), str(tmp_path / "gone.safetensors")))
     assert main(["doctor", "--mano-dir", str(mano_dir), "--recipe", str(recipe), "--out", str(tmp_path)]) == 1
     assert "gone.safetensors' does not exist" in " ".join(capsys.readouterr().out.split())
+
+
+def test_doctor_checks_the_evaluation_models(tmp_path, capsys, monkeypatch, hand_task_file):
+    from handsynth.evaluate import inception
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HANDSYNTH_CACHE", str(tmp_path / "cache"))
+    main(["doctor", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{inception.INCEPTION_FILE} is not in torch hub's cache" in out
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in out and "--build-hand-model" in out
+    inception.cache_path().parent.mkdir(parents=True)
+    inception.cache_path().write_bytes(b"weights")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "hand_landmarker.task").write_bytes(hand_task_file.read_bytes())
+    main(["doctor", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"Inception weights (evaluate: FID/KID): {inception.cache_path()}" in out
+    assert str(tmp_path / "cache" / "hand_landmarker.task") in out and "mediapipe 1.2" in out

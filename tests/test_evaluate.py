@@ -5,6 +5,7 @@ the outputs, reuse on rerun, and export's quality gate."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from html.parser import HTMLParser
@@ -189,6 +190,39 @@ def test_matching_pairs_hands_by_overlap():
     scored = hands.score_sample([a, b], dets[2:])
     assert scored["hand_score"] == 0.0 and scored["keypoint_error"] is None
     assert [h["detected"] for h in scored["hands"]] == [False, False]
+
+
+# --- reading runs ---------------------------------------------------------------------------
+
+def test_generated_set_takes_each_image_frame_from_its_sample_file(hand_scene_render_run, small_render_run,
+                                                                   tmp_path):
+    from handsynth.evaluate.inputs import generated_set
+
+    run = make_scene_generate_run(tmp_path / "gen", hand_scene_render_run)
+    record_path = sorted((run / "samples").glob("*.json"))[0]
+    record = json.loads(record_path.read_text())
+    hand = record["image"]["hands"][0]
+    hand["joints_2d"] = (np.asarray(hand["joints_2d"]) * 0.5 + 3).tolist()     # a frame of its own
+    hand["box"] = (np.asarray(hand["box"]) * 0.5 + 3).tolist()
+    record_path.write_text(json.dumps(record))
+    item = generated_set(run).items[0]
+    label = json.loads((hand_scene_render_run / "labels" / f"{record['frame']}.json").read_text())
+    np.testing.assert_allclose(item.hands[0].joints_2d, hand["joints_2d"])
+    np.testing.assert_allclose(item.hands[0].box, hand["box"])
+    np.testing.assert_allclose(item.hands[0].joints_cam, label["hands"][0]["joints_cam"])   # from render
+
+    hand["side"] = "left" if hand["side"] == "right" else "right"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=r"image.hands\[0\].side"):
+        generated_set(run)
+
+    # a sample file without the block (older runs): the whole source frame resized to the image
+    legacy = make_generate_run(tmp_path / "legacy", small_render_run, 2, size=(64, 48))
+    item = generated_set(legacy).items[1]
+    label = json.loads((small_render_run / "labels" / f"{item.info['frame']}.json").read_text())
+    (w, h), joints = label["image_size"], np.asarray(label["hands"][0]["joints_2d"])
+    expected = np.c_[(joints[:, 0] + 0.5) * 64 / w - 0.5, (joints[:, 1] + 0.5) * 48 / h - 0.5]
+    np.testing.assert_allclose(item.hands[0].joints_2d, expected)
 
 
 # --- MediaPipe on rendered hands with known labels --------------------------------------------
@@ -379,3 +413,53 @@ def test_export_gate_refuses_an_unevaluated_run(scene_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has not been evaluated" in err and "handsynth evaluate" in err
     assert not (tmp_path / "s" / "index.json").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_command_with_an_inception_file(scene_run, hand_task_file, tmp_path, capsys):
+    """The whole command with the real Inception loading path (random weights saved as the weights file)."""
+    torch.manual_seed(0)
+    weights = tmp_path / inception.INCEPTION_FILE
+    torch.save(inception.FIDInceptionV3().state_dict(), weights)
+    out = tmp_path / "evaluation"
+    code = main(["evaluate", "--run", str(scene_run), "--out", str(out), "--inception", str(weights),
+                 "--hand-model", str(hand_task_file)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == {}
+    assert summary["protocol"]["inception"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    for key in ("fid", "kid", "fid_h", "kid_h", "hand_conf", "mse_2d", "mse_3d"):
+        assert summary["figures"]["generated"][key] is not None, key
+    assert "FID-H" in captured.out and "20.71" in captured.out
+
+
+def test_render_generate_evaluate_export_chain(tmp_path, monkeypatch, interhand_set, mano_dir, tiny_sd_dir,
+                                               tiny_guidance_dir, hand_task_file, capsys):
+    """The commands as typed, defaults connecting them; the tiny model's images hold no hand, so MediaPipe finds
+    none: a gate that asks for a detected hand drops every sample, one that asks nothing keeps them all."""
+    from tests.fixtures.generate import write_gen_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, name="outdoor.yaml")
+    assert main(["render", "--labels", str(interhand_set), "--mano-dir", str(mano_dir)]) == 0
+    assert main(["generate", "--recipe", "outdoor.yaml", "--count", "4", "--device", "cpu"]) == 0
+    assert main(["export", "--format", "webdataset", "--min-hand-score", "0.5"]) == 2
+    assert "has not been evaluated" in capsys.readouterr().err
+    assert main(["evaluate", "--hand-model", str(hand_task_file)]) == 0
+    gen_run, render_run = Path("runs") / "outdoor-gen", Path("runs") / "test_interhand2-6m_data"
+    records = [json.loads(line) for line in (gen_run / "evaluation" / "samples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    for r in records:
+        label = json.loads((render_run / "labels" / f"{r['frame']}.json").read_text())
+        assert [h["side"] for h in r["hands"]] == [h["side"] for h in label["hands"]]
+    summary = json.loads((gen_run / "evaluation" / "summary.json").read_text())
+    assert summary["counts"]["real"]["images"] == 4 and "fid/kid" in summary["skipped"]
+    capsys.readouterr()
+    assert all(r["detections"] == 0 and r["hand_score"] == 0.0 for r in records)      # noise, no hand
+    assert main(["export", "--format", "webdataset", "--min-hand-score", "0.5"]) == 2
+    assert "dropped every sample" in capsys.readouterr().err
+    assert main(["export", "--format", "webdataset", "--out", "all", "--min-hand-score", "0"]) == 0
+    index = json.loads((Path("all") / "index.json").read_text())
+    assert index["samples"] == 4 and index["filter"]["dropped"] == {}

@@ -4,10 +4,11 @@ It reads ``samples.jsonl`` of the run's evaluation (``handsynth evaluate``; defa
 and refuses a run that was not evaluated, an evaluation without keypoint scores, or one that misses
 some of the run's samples (evaluated before they were generated).
 
-A sample passes when every labelled hand was detected, its lowest hand score is >= ``min_hand_score``
-and its largest 2D keypoint error (hand sizes) is <= ``max_keypoint_error`` (each test only when its
-threshold is given). A dropped sample is counted under the first test it fails: ``hand_not_detected``,
-``hand_score_below_min``, ``keypoint_error_above_max``.
+A sample passes when its lowest hand score is >= ``min_hand_score`` and its largest 2D keypoint error
+(hand sizes) is <= ``max_keypoint_error``, each test only when its threshold is given (a hand that was not
+detected scores 0 and has no keypoint error). A dropped sample is counted under one reason:
+``hand_not_detected`` (a test failed because a hand was not detected), ``hand_score_below_min``,
+``keypoint_error_above_max``.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ class Gate:
         return {"min_hand_score": self.min_hand_score, "max_keypoint_error": self.max_keypoint_error}
 
     def verdict(self, score: dict[str, Any]) -> str | None:
-        """None when the sample passes, else the reason it is dropped."""
-        if any(not h.get("detected") for h in score.get("hands", [])):
-            return "hand_not_detected"
+        """None when the sample passes, else the reason it is dropped (an undetected hand scores 0 and has no
+        keypoint error: it fails either test as ``hand_not_detected``)."""
+        undetected = any(not h.get("detected") for h in score.get("hands", []))
         if self.min_hand_score is not None and score["hand_score"] < self.min_hand_score:
-            return "hand_score_below_min"
+            return "hand_not_detected" if undetected else "hand_score_below_min"
         error = score.get("keypoint_error")
         if self.max_keypoint_error is not None and (error is None or error > self.max_keypoint_error):
-            return "keypoint_error_above_max"
+            return "hand_not_detected" if error is None else "keypoint_error_above_max"
         return None
 
 

@@ -7,8 +7,8 @@ also MediaPipe's landmark order.
 Scores per labelled hand (units in ``UNITS``):
 
 - ``score``: the matched detection's confidence: MediaPipe's handedness score (its Tasks API reports no
-  other per-hand score; hands below its 0.5 detection/presence thresholds are not reported), 0 when no
-  detection matches the hand.
+  other per-hand score; hands below its 0.5 detection/presence thresholds are not reported), so 0 when no
+  detection matches the hand and between 0.5 and 1 (how sure MediaPipe is of the hand's side) when one does.
 - ``error_2d``: mean distance between the detected and the labelled 2D joints, divided by the hand's
   size (the longer side of the labels' tight mesh box): 0.1 means a tenth of the hand. Not aligned:
   both live in the same image frame, and a shift between them is what it measures.
@@ -35,7 +35,7 @@ MATCH_SCALE = 2.0           # detections match labelled hands by overlap of thei
 MATCH_IOU = 0.1             # enlarged 2x, with IoU >= 0.1, one detection per hand (Hungarian assignment)
 PCK_THRESHOLDS = (0.05, 0.1, 0.2)
 UNITS = {
-    "score": "MediaPipe handedness score of the matched detection in [0, 1]; 0 when no detection matches",
+    "score": "MediaPipe handedness score of the matched detection, in [0.5, 1]; 0 when no detection matches",
     "error_2d": "mean 2D joint distance / hand size (longer side of the labels' tight mesh box), no alignment",
     "mse_2d": "mean squared 2D joint distance / hand size^2, no alignment",
     "pck": "share of joints within t hand sizes (2D), t in pck_thresholds",

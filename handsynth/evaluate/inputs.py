@@ -76,10 +76,10 @@ def label_hands(label: dict[str, Any], where: Path) -> list[LabelledHand]:
 
 
 def _resized(hands: list[LabelledHand], source: tuple[int, int], size: tuple[int, int]) -> list[LabelledHand]:
-    """Hands of a source frame resized whole to ``size`` (pixel centres at integers)."""
-    from handsynth.export.hamer import image_point_map
-
-    scale, offset = image_point_map(source, size)
+    """Hands of a source frame resized whole to ``size``: p' = (p + 0.5) * size / source - 0.5 per axis
+    (pixel centres at integers)."""
+    scale = np.asarray(size, dtype=np.float64) / np.asarray(source, dtype=np.float64)
+    offset = 0.5 * scale - 0.5
     return [LabelledHand(h.side, h.joints_2d * scale + offset, (h.box.reshape(2, 2) * scale + offset).ravel(),
                          h.joints_cam) for h in hands]
 
