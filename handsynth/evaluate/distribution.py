@@ -20,6 +20,7 @@ KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000      # torchmetrics' default; lowered to the smaller set's size for small sets
 KID_SEED = 0                # KID draws random subsets: a fixed seed makes reruns give the same value
 FEED = 4096                 # features handed to torchmetrics per update call
+BATCH = 32                  # images per extractor call
 
 
 class _Features(nn.Module):
@@ -34,15 +35,17 @@ class _Features(nn.Module):
 
 
 def extract(extractor: nn.Module, images: list[np.ndarray], device: str | torch.device = "cpu") -> np.ndarray:
-    """Features (N, F) float32 of uint8 RGB images (H, W, 3); images of one size run as one batch."""
+    """Features (N, F) float32 of uint8 RGB images (H, W, 3); images of one size run in batches of BATCH."""
     out = np.zeros((len(images), int(extractor.num_features)), dtype=np.float32)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(i)
     with torch.no_grad():
-        for indices in by_shape.values():
-            batch = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2).to(device)
-            out[indices] = extractor(batch).float().cpu().numpy()
+        for same in by_shape.values():
+            for start in range(0, len(same), BATCH):
+                indices = same[start:start + BATCH]
+                batch = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2).to(device)
+                out[indices] = extractor(batch).float().cpu().numpy()
     return out
 
 

@@ -13,6 +13,7 @@ swapped back before it is compared with the labels' side.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ TASK_FILE = "hand_landmarker.task"
 MAX_HANDS = 4
 MIN_CONFIDENCE = 0.5        # MediaPipe's defaults for detection and presence confidence
 UNMIRROR = {"Left": "right", "Right": "left"}
+ALIGN = 64                  # .task members start on 64-byte boundaries, so TFLite maps them without copying
 
 
 def default_task_path() -> Path:
@@ -60,11 +62,28 @@ def task_from_wheel(wheel: Path, out: Path) -> Path:
                                    fix=f"pass a {MEDIAPIPE_WHEEL} wheel (pip download --no-deps {MEDIAPIPE_WHEEL})"
                                    ) from None
     with io.atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
             for name, data in members.items():
                 info = zipfile.ZipInfo(name, date_time=(2000, 1, 1, 0, 0, 0))
+                start = fh.tell() + 30 + len(name.encode()) + 4      # local header, name, padding field header
+                info.extra = b"\xff\xff" + (pad := -start % ALIGN).to_bytes(2, "little") + b"\0" * pad
                 zf.writestr(info, data)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what MediaPipe's C++ side prints straight to file descriptor 2 (TFLite/LiteRT start-up notes)
+    while a landmarker is created, first run and closed; Python-level errors are raised as usual."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def download_wheel(folder: Path) -> Path:
@@ -119,6 +138,12 @@ def mediapipe_version() -> str | None:
         return None
 
 
+def _blank():
+    import mediapipe as mp
+
+    return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.zeros((64, 64, 3), np.uint8))
+
+
 class HandLandmarker:
     """MediaPipe's HandLandmarker (image mode) on uint8 RGB arrays; use as a context manager."""
 
@@ -136,7 +161,9 @@ class HandLandmarker:
             num_hands=max_hands, min_hand_detection_confidence=min_confidence,
             min_hand_presence_confidence=min_confidence)
         try:
-            self._landmarker = vision.HandLandmarker.create_from_options(options)
+            with _quiet_native_stderr():
+                self._landmarker = vision.HandLandmarker.create_from_options(options)
+                self._landmarker.detect(_blank())      # its first run prints notes too
         except (RuntimeError, ValueError) as exc:
             raise MissingResourceError(f"MediaPipe cannot load the hand model: {exc}", where=task,
                                        fix=build_hint(task)) from None
@@ -157,7 +184,8 @@ class HandLandmarker:
 
     def close(self) -> None:
         if self._landmarker is not None:
-            self._landmarker.close()
+            with _quiet_native_stderr():
+                self._landmarker.close()
             self._landmarker = None
 
     def __enter__(self) -> "HandLandmarker":

@@ -88,8 +88,15 @@ class Evaluator:
         return full, hand, records
 
 
+def _without_paths(value: Any) -> Any:
+    """``value`` less its "file" entries: a model file that moved but kept its sha256 is the same model."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k != "file"}
+    return value
+
+
 def _chunk_digest(protocol: dict[str, Any], items: list[Item]) -> str:
-    digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(_without_paths(protocol), sort_keys=True).encode())
     for item in items:
         digest.update(item.key.encode() + b"\0" + io.sha256_file(item.image).encode() + b"\0")
         for h in item.hands:
