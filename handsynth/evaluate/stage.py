@@ -166,6 +166,8 @@ def distribution_figures(real: SetResult, fake: SetResult) -> dict[str, Any]:
             if a is None or b is None:
                 raise ValueError("no features")
             figures = fid_kid(a, b)
+            if not all(np.isfinite(figures[k]) for k in ("fid", "kid", "kid_std")):
+                raise ValueError(f"the features gave a non-finite value ({figures})")
         except ValueError as exc:
             out[f"fid{suffix}"] = out[f"kid{suffix}"] = None
             out[f"skipped{suffix}"] = str(exc)
