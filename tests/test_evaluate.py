@@ -402,7 +402,7 @@ def test_export_gate_drops_exactly_the_planted_samples(scene_run, evaluated, tmp
     assert kept == [i.key for i in generated.items if i.key not in planted]
     assert index["filter"]["dropped"] == {"keypoint_error_above_max": len(PLANTED)}
     assert index["filter"]["dropped_keys"] == planted
-    assert index["identity"]["filter"] == {"min_hand_score": 0.5, "max_keypoint_error": 0.2}
+    assert index["fingerprint"]["filter"] == {"min_hand_score": 0.5, "max_keypoint_error": 0.2}
     assert "dropped 2" in capsys.readouterr().out
 
 

@@ -62,7 +62,8 @@ def evaluate(
     from handsynth.evaluate import landmarker as lm
     from handsynth.evaluate.inputs import generated_set, real_set
     from handsynth.evaluate.stage import protocol_record, run_evaluation, warn
-    from handsynth.io import newest_run, sha256_file
+    from handsynth.io import sha256_file
+    from handsynth.rundir import newest_run
 
     if build_hand_model:
         path = lm.build_hand_model(hand_model, hand_wheel)

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from handsynth import io
+from handsynth import io, rundir
 from handsynth.errors import InputError
 from handsynth.evaluate.hands import N_JOINTS, LabelledHand
+from handsynth.render import layout as render_layout
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -111,16 +112,16 @@ def _sample_hands(record: dict[str, Any], label_hands_: list[LabelledHand], labe
 
 def generated_set(run: Path) -> GeneratedSet:
     """Every complete sample of a generate run, in sample-index order, with its hands in its image's frame."""
-    from handsynth.export.webdataset import read_generate_run
+    from handsynth.generate.layout import read_run
 
-    source = read_generate_run(Path(run))
+    source = read_run(Path(run))
     labels: dict[str, tuple[dict[str, Any], list[LabelledHand]]] = {}
     items = []
     for sample in source.samples:
         if sample.frame not in labels:
-            path = source.render_run / "labels" / f"{sample.frame}.json"
-            label = io.read_json(path, what="render label")
-            labels[sample.frame] = (label, label_hands(label, path))
+            label = render_layout.read_label(source.render_run, sample.frame, needed_by=f"sample {sample.key}")
+            labels[sample.frame] = (label, label_hands(label, render_layout.label_path(source.render_run,
+                                                                                       sample.frame)))
         label, hands = labels[sample.frame]
         record = io.read_json(sample.record_path, what="sample file")
         mesh = (label.get("images") or {}).get("global")
@@ -134,8 +135,8 @@ def generated_set(run: Path) -> GeneratedSet:
 def real_set(real: Path) -> tuple[list[Item], str]:
     """The real set: (items, kind) with kind 'render run' or 'image folder'; InputError when it has no image."""
     real = Path(real)
-    if (real / io.MANIFEST).is_file():
-        io.read_manifest(real, stage="render")
+    if (real / rundir.MANIFEST).is_file():
+        render_layout.read_manifest(real)
         items = []
         for path in sorted((real / "labels").glob("*.json")):
             label = io.read_json(path, what="render label")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from handsynth import io
+from handsynth import io, rundir
 from handsynth.console import console, progress
 from handsynth.errors import InputError
 from handsynth.evaluate import hands as hands_mod
@@ -229,7 +229,7 @@ def run_evaluation(generated: list[Item], real: list[Item] | None, out: Path, *,
         for name, result in sets.items():
             figures[name].update(hands_mod.aggregate([r for r in result.records if "hands" in r]))
     write_samples(out, fake.records)
-    summary = io.new_manifest(
+    summary = rundir.new_manifest(
         STAGE, command, status="complete", inputs=inputs, protocol=protocol, skipped=skipped,
         counts={name: {"images": len(r.items), "hands": sum(len(i.hands) for i in r.items),
                        "reused_chunks": r.reused_chunks} for name, r in sets.items()},
