@@ -4,8 +4,8 @@ The run directory's layout is :mod:`handsynth.render.layout`; :mod:`handsynth.ru
 that a rerun resumes the same run and records how the run ended. Every file is written atomically
 (temporary name + rename). A rerun of the same command keeps complete frames (label parses, every
 image matches the sha256 its label recorded) and renders the rest, a damaged frame included;
-finished files are never rewritten. PNGs are encoded with fixed options and no metadata, so reruns
-give byte-identical files.
+finished files are never rewritten. PNGs are encoded with fixed options and no metadata
+(:mod:`handsynth.render.png`), so reruns give byte-identical files.
 
 ``styles`` (``--style mesh,depth``) chooses which image sets one pass writes: all come from the same
 render of the same meshes, and the label (one per frame) lists each image under ``images``
@@ -32,13 +32,13 @@ from handsynth.console import console, progress
 from handsynth.errors import InputError
 from handsynth.labels.schema import Frame, Hand
 from handsynth.render import geometry, layout
+from handsynth.render.png import encode_png
 from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer, View,
                                        depth_image)
 
 STAGE = layout.STAGE
 LOCAL_SIZE = 512
 JPEG_QUALITY = 95
-PNG_COMPRESS_LEVEL = 1            # zlib level: 2x faster than 6 for ~20% larger mesh PNGs
 UNITS = {"length": "metres", "image": "pixels, pixel centres at integers (OpenCV)",
          "pose": "axis-angle radians", "box": "x0, y0, x1, y1 pixels"}
 NO_VALID_HAND = "no_valid_hand"
@@ -200,15 +200,6 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 # --- images --------------------------------------------------------------------------------
-
-def encode_png(color: np.ndarray) -> bytes:
-    """PNG bytes of an RGB uint8 image with fixed options and no metadata (byte-identical reruns)."""
-    from PIL import Image
-
-    buf = _io.BytesIO()
-    Image.fromarray(color, mode="RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
-
 
 def encode_jpeg(image) -> bytes:
     buf = _io.BytesIO()
