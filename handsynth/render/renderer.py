@@ -14,13 +14,17 @@ relative inverse depth: near bright, far dark, background black, normalised per 
 
 One pyrender.OffscreenRenderer per process is created lazily and reused for every frame and
 every HandRenderer (pyrender's EGL teardown terminates the display, which would break any other
-live context, so the one context lives until the process exits); pyrender resizes its
-framebuffer when the viewport changes. Rendering is deterministic: the same input gives the
-same bytes on the same machine and driver.
+live context, so the one context lives until the process exits). pyrender keeps one framebuffer
+and re-creates it whenever the viewport size changes; rendering a global and a local view per
+frame would do that twice a frame, so the framebuffer of each of the first few sizes is kept and
+swapped back in (see _select_framebuffer). Each HandRenderer keeps one scene with its lights and
+camera, and swaps only the hand meshes per call. Rendering is deterministic: the same input gives
+the same bytes on the same machine and driver.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,42 +112,77 @@ class HandRenderer:
         self._pyrender = pyrender
         self._material = pyrender.MetallicRoughnessMaterial(
             metallicFactor=0.0, roughnessFactor=0.7, alphaMode="OPAQUE", baseColorFactor=BASE_COLOR)
+        # One scene for every call: the lights (added first, so they keep their order) and the camera stay,
+        # the meshes are replaced per call.
+        self._scene = _ordered_scene_class(pyrender)(bg_color=np.zeros(4), ambient_light=np.array(AMBIENT))
+        for direction, intensity in LIGHTS:
+            self._scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=intensity),
+                            pose=_light_pose(direction))
+        self._camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=ZNEAR, zfar=ZFAR)
+        self._scene.add(self._camera, pose=np.eye(4))
+        self._mesh_nodes: list = []
 
     def render(self, meshes: Sequence[Mesh], views: Sequence[View]) -> list[Rendering]:
         """Render ``meshes`` (camera-space vertices and faces) once per view, in the order given."""
         import trimesh
 
-        pyrender = self._pyrender
-        scene = _ordered_scene_class(pyrender)(bg_color=np.zeros(4), ambient_light=np.array(AMBIENT))
+        pyrender, scene = self._pyrender, self._scene
+        for node in self._mesh_nodes:
+            scene.remove_node(node)
+        self._mesh_nodes = []
         for vertices, faces in meshes:
             vertices = np.asarray(vertices, dtype=np.float64)
             faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
             tm = trimesh.Trimesh(vertices @ _CV_TO_GL.T, faces, process=False)
-            scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True))
-        for direction, intensity in LIGHTS:
-            scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=intensity),
-                      pose=_light_pose(direction))
+            self._mesh_nodes.append(scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True)))
         out = []
-        camera_node = None
         for view in views:
             (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
-            camera = pyrender.IntrinsicsCamera(fx, fy, cx + 0.5, cy + 0.5, znear=ZNEAR, zfar=ZFAR)
-            if camera_node is not None:
-                scene.remove_node(camera_node)
-            camera_node = scene.add(camera, pose=np.eye(4))
+            camera = self._camera
+            camera.fx, camera.fy, camera.cx, camera.cy = fx, fy, cx + 0.5, cy + 0.5
             color, depth = self._render_scene(scene, view.size)
             out.append(Rendering(color=color, depth=depth))
         return out
 
     def _render_scene(self, scene, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         offscreen = _offscreen(self._pyrender)
-        offscreen.viewport_width, offscreen.viewport_height = int(size[0]), int(size[1])
+        size = (int(size[0]), int(size[1]))
+        _select_framebuffer(offscreen, size)
+        offscreen.viewport_width, offscreen.viewport_height = size
         color, depth = offscreen.render(scene)
         return np.ascontiguousarray(color[..., :3], dtype=np.uint8), depth.astype(np.float32)
 
 
 _OFFSCREEN = None
 _SCENE_CLASS = None
+# pyrender.Renderer's framebuffer, as the attributes that hold it (pyrender 0.1.45, pinned in pyproject.toml).
+_FRAMEBUFFER_ATTRS = ("_main_fb", "_main_cb", "_main_db", "_main_fb_ms", "_main_cb_ms", "_main_db_ms",
+                      "_main_fb_dims")
+_NO_FRAMEBUFFER = (None,) * 6 + ((None, None),)
+MAX_KEPT_FRAMEBUFFERS = 4
+_KEPT_FRAMEBUFFERS: dict[tuple[int, int], tuple] = {}      # size -> framebuffer, not the one in use
+
+
+def _select_framebuffer(offscreen, size: tuple[int, int]) -> None:
+    """Put the framebuffer kept for ``size`` into pyrender's renderer, keeping the one in use for later.
+
+    pyrender re-creates its framebuffer whenever the viewport size changes (about 1/7 of a frame's
+    rendering time when it alternates between two sizes). Instead, the framebuffer of the size being
+    left is set aside, and the one of the size asked for is put back, or none, which pyrender then
+    creates. Up to MAX_KEPT_FRAMEBUFFERS sizes are set aside; past that pyrender deletes the one being
+    left as usual. Platforms without framebuffers (OSMesa) re-create their whole context on a size change
+    and are left alone.
+    """
+    renderer = offscreen._renderer
+    if not offscreen._platform.supports_framebuffers() or renderer._main_fb_dims == size:
+        return
+    if renderer._main_fb is not None:
+        if len(_KEPT_FRAMEBUFFERS) >= MAX_KEPT_FRAMEBUFFERS and size not in _KEPT_FRAMEBUFFERS:
+            return                                    # pyrender deletes it and creates one at the new size
+        _KEPT_FRAMEBUFFERS[renderer._main_fb_dims] = tuple(getattr(renderer, a) for a in _FRAMEBUFFER_ATTRS)
+    kept = _KEPT_FRAMEBUFFERS.pop(size, _NO_FRAMEBUFFER)
+    for attr, value in zip(_FRAMEBUFFER_ATTRS, kept):
+        setattr(renderer, attr, value)
 
 
 def _ordered_scene_class(pyrender):
@@ -152,6 +191,7 @@ def _ordered_scene_class(pyrender):
     pyrender keeps them in sets, which iterate in memory-address order that changes from run to
     run; the draw order of touching hands and the order in which the shader sums the lights would
     then change too, and with them a few pixels. Insertion order makes renders byte-identical.
+    Removed nodes are forgotten, so a scene whose meshes are replaced for every frame does not grow.
     """
     global _SCENE_CLASS
     if _SCENE_CLASS is None:
@@ -159,7 +199,11 @@ def _ordered_scene_class(pyrender):
             def add_node(self, node, parent_node=None):
                 super().add_node(node, parent_node=parent_node)
                 added = self.__dict__.setdefault("_added", {})
-                added.setdefault(node, len(added))
+                added.setdefault(node, next(self.__dict__.setdefault("_next_index", itertools.count())))
+
+            def _remove_node(self, node):
+                super()._remove_node(node)
+                self.__dict__.get("_added", {}).pop(node, None)
 
             def _in_order(self, nodes):
                 return sorted(nodes, key=self.__dict__.get("_added", {}).__getitem__)
@@ -227,6 +271,7 @@ def _release() -> None:
         except Exception:  # noqa: BLE001 - at exit the display may already be gone; nothing to clean then
             pass
         _OFFSCREEN = None
+        _KEPT_FRAMEBUFFERS.clear()                    # they belonged to the context just deleted
 
 
 def depth_image(depth: np.ndarray) -> np.ndarray:
