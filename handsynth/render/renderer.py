@@ -192,14 +192,24 @@ def _ordered_scene_class(pyrender):
     run; the draw order of touching hands and the order in which the shader sums the lights would
     then change too, and with them a few pixels. Insertion order makes renders byte-identical.
     Removed nodes are forgotten, so a scene whose meshes are replaced for every frame does not grow.
+    pyrender also forgets every node's cached path to the root whenever a node is added or removed;
+    in a tree that changes no other node's path, so the other paths are kept (no graph search per
+    light and camera on every frame).
     """
     global _SCENE_CLASS
     if _SCENE_CLASS is None:
         class OrderedScene(pyrender.Scene):
             def add_node(self, node, parent_node=None):
+                paths = self.__dict__.get("_path_cache", {})
                 super().add_node(node, parent_node=parent_node)
+                self._path_cache = paths
                 added = self.__dict__.setdefault("_added", {})
                 added.setdefault(node, next(self.__dict__.setdefault("_next_index", itertools.count())))
+
+            def remove_node(self, node):
+                paths = self._path_cache
+                super().remove_node(node)
+                self._path_cache = {n: path for n, path in paths.items() if n in self.nodes}
 
             def _remove_node(self, node):
                 super()._remove_node(node)
