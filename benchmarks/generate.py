@@ -10,6 +10,7 @@ generation spent in TAS.
     python benchmarks/generate.py                       # CUDA, fp16, batch sizes 1 and 4
     python benchmarks/generate.py --dtype bf16 --local  # bf16, global + local branch
     python benchmarks/generate.py --device cpu --tiny   # tiny models (64x64) on CPU, same schedule
+    python benchmarks/generate.py --device cpu --tiny --threads 1 --batch-sizes 1   # the README's CPU figure
 
 Output, one line per batch size (parsed by tests/test_pipeline.py), then the median over the repeats of
 (TAS-on time / TAS-off time), all batch sizes together:
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tas-steps", type=int, default=10, help="TAS during the first K steps (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per setting (default 3)")
     ap.add_argument("--local", action="store_true", help="also run the local branch (2 images per sample)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy shared CPU)")
     args = ap.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps, tas_steps, repeats = args.steps, args.tas_steps, args.repeats
     size = 64 if args.tiny else 512
     tas = TASConfig(max_steps=tas_steps)

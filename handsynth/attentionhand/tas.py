@@ -353,9 +353,10 @@ def tas_gradient(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[in
     Returns ``(losses (R,), grad (R, C, h, w))``. Autograd is asked for the latents' gradient only, so
     model parameters never receive gradients. The recording is truncated: ``forward`` stops (with
     :class:`StopForward`, caught here) once the last layer L_TAS reads has run, so neither the forward
-    nor the backward pass computes the rest of the UNet; the loss and gradient are those of the full pass. With float16 latents the loss is scaled by
-    :data:`FP16_LOSS_SCALE` for the backward pass; a row whose gradient is then not finite (overflow)
-    gets a zero gradient, i.e. no update, as a mixed-precision optimiser skips such a step.
+    nor the backward pass computes the rest of the UNet; the loss and gradient are those of the full pass.
+    With float16 latents the loss is scaled by :data:`FP16_LOSS_SCALE` for the backward pass; a row whose
+    gradient is then not finite (overflow) gets a zero gradient, i.e. no update, as a mixed-precision
+    optimiser skips such a step.
     """
     scale = FP16_LOSS_SCALE if latents.dtype == torch.float16 else 1.0
     with torch.enable_grad():
