@@ -2,7 +2,8 @@
 
 Builds the Stable Diffusion 1.5 architecture (UNet, guidance module from it, VAE, CLIP ViT-L/14 text
 encoder) from configs written below with random weights - nothing is downloaded - and times
-``--repeats`` generations per batch size at 512x512, 20 DDIM steps, TAS off and TAS on (first 10
+``--repeats`` generations per batch size at 512x512 (``--size WxH`` for other frames, e.g. 336x512 as
+``image.fit: native`` makes of a 334x512 source), 20 DDIM steps, TAS off and TAS on (first 10
 steps, one update each), off and on interleaved (one generation each, in alternating order) so that
 both see the same machine load. The TAS share is ``1 - t_off / t_on``, the fraction of a TAS-on
 generation spent in TAS.
@@ -117,13 +118,13 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, workdir: Path) -
                                  controlnet=controlnet, scheduler=DDIMScheduler(**SD15_SCHEDULER))
 
 
-def timed(pipe, batch: int, size: int, steps: int, tas: TASConfig | None, local: bool, repeats: int,
+def timed(pipe, batch: int, size: tuple[int, int], steps: int, tas: TASConfig | None, local: bool, repeats: int,
           device: str) -> float:
-    """Seconds for ``repeats`` generations of ``batch`` images."""
+    """Seconds for ``repeats`` generations of ``batch`` images of ``size`` (W, H)."""
     rng = np.random.default_rng(0)
-    meshes = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    meshes = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(batch)]
     kwargs = dict(local_mesh_image=meshes if local else None, hand_token_indices=[HAND_TOKENS] * batch,
-                  num_inference_steps=steps, tas=tas, height=size, width=size, output_type="pt")
+                  num_inference_steps=steps, tas=tas, height=size[1], width=size[0], output_type="pt")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -132,6 +133,16 @@ def timed(pipe, batch: int, size: int, steps: int, tas: TASConfig | None, local:
         pipe([PROMPT] * batch, meshes, generator=gens, **kwargs)
     sync()
     return time.perf_counter() - start
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not WxH, e.g. 336x512") from None
+    if w % 8 or h % 8 or w < 8 or h < 8:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be positive multiples of 8")
+    return w, h
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per setting (default 3)")
     ap.add_argument("--local", action="store_true", help="also run the local branch (2 images per sample)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy shared CPU)")
+    ap.add_argument("--size", type=_size, help="generated frame WxH, multiples of 8 (default 512x512; tiny: 64x64)")
     args = ap.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -156,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps, tas_steps, repeats = args.steps, args.tas_steps, args.repeats
-    size = 64 if args.tiny else 512
+    size = args.size or ((64, 64) if args.tiny else (512, 512))
     tas = TASConfig(max_steps=tas_steps)
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(args.tiny, args.device, dtype, Path(tmp))
     pipe.set_progress_bar_config(disable=True)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"device={name} dtype={dtype} size={size} steps={steps} tas_steps={tas_steps} repeats={repeats} "
+    print(f"device={name} dtype={dtype} size={size[0]}x{size[1]} steps={steps} tas_steps={tas_steps} repeats={repeats} "
           f"local={args.local} {'tiny' if args.tiny else 'sd15'}")
     t_off = np.zeros((len(args.batch_sizes), repeats))
     t_on = np.zeros_like(t_off)

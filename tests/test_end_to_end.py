@@ -10,14 +10,17 @@ for the tiny test model (64 px, 2 steps). ``test_design_card_commands_typed_exac
 (slow): no recipe file at all - the shipped outdoor.yaml as it is (512 px, 20 steps, TAS) on an SD1.5-shaped
 tiny model in a Hugging Face cache, each command run as a separate process through the installed script.
 
-Defaults connect the stages (newest run under ./runs). The exported labels must equal what render
-wrote from the source, and the exported images the generated files, byte for byte; a hamer-layout
-export's hand boxes must fall on the mesh silhouette as the pipeline resized it.
+The source frames are non-square (the real InterHand excerpt: 334x512 and 512x334). Defaults connect
+the stages (newest run under ./runs; image.fit crop). The exported labels must equal what render wrote
+from the source, the exported images the generated files byte for byte, each image's own labels must
+project from its K, and a hamer-layout export's hand boxes must fall on the silhouette of the mesh
+image the model was conditioned on, in the generated image's and the local image's frames.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -68,16 +71,25 @@ def test_render_generate_export_chain(tmp_path, monkeypatch, mano_dir, tiny_sd_d
     shards = sorted(Path("shards").rglob("*.tar"))
     samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
     assert len(samples) == 5
+    meshes = {}
     frames = [json.loads(line)["key"] for line in (render_run / "labels.jsonl").read_text().splitlines()]
     for index, sample in enumerate(samples):
         record = json.loads(sample["json"])
-        generation = record.pop("generation")
+        generation, blocks = record.pop("generation"), {k: record.pop(k) for k in ("image", "local_image")}
         frame = frames[index % len(frames)]
         assert sample["__key__"] == f"{frame}_v{index // len(frames):05d}" and "." not in sample["__key__"]
         assert generation["index"] == index and generation["prompt"]
         assert record == json.loads((render_run / "labels" / f"{frame}.json").read_text())
+        assert record["image_size"] in ([334, 512], [512, 334])
         assert sample["png"] == (gen_run / "images" / f"{sample['__key__']}.png").read_bytes()
-        assert sample["mesh.png"] == (render_run / "global" / f"{frame}.png").read_bytes()
+        for member, block in (("png", blocks["image"]), ("local.png", blocks["local_image"])):
+            assert Image.open(io.BytesIO(sample[member])).size == (64, 64) and block["size"] == [64, 64]
+            K = np.asarray(block["K"])
+            for hand, src in zip(block["hands"], record["hands"]):
+                X = np.asarray(src["joints_cam"])
+                np.testing.assert_allclose((X @ K.T)[:, :2] / X[:, 2:], hand["joints_2d"], atol=0.05)
+        meshes[sample["__key__"]] = sample["mesh.png"]
+        meshes[sample["__key__"] + "-local"] = sample["local_mesh.png"]
 
     # the README's loader line, in a DataLoader with more workers than this export has shards
     import torch
@@ -91,24 +103,22 @@ def test_render_generate_export_chain(tmp_path, monkeypatch, mano_dir, tiny_sd_d
     readme = (REPO / "README.md").read_text()
     assert 'webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")' in readme
 
-    # the hamer layout's pixel coordinates follow generate's resize of the whole mesh image to the
-    # recipe's square size: each hand box lands on the mesh silhouette the pipeline itself conditioned on
-    from handsynth.attentionhand.loading import load_pipeline
+    # the hamer layout: each image (generated and local) is a sample of its own; the hand boxes of its
+    # labels bound the silhouette of the mesh image that conditioned it, and data.pyd centres on them
     from handsynth.export.hamer import load_pyd
 
     assert main(["export", "--format", "webdataset", "--layout", "hamer", "--out", "hamer"]) == 0
-    pipe = load_pipeline(tiny_sd_dir, tiny_guidance_dir)
     samples = list(wds.WebDataset([str(p) for p in sorted(Path("hamer").glob("*.tar"))], shardshuffle=False))
-    assert len(samples) == 5
+    assert len(samples) == 10 and sorted(s["__key__"] for s in samples) == sorted(meshes)
     for sample in samples:
-        label = json.loads(sample["json"])
-        mesh = Image.open(render_run / label["images"]["global"])
-        silhouette = pipe.prepare_mesh_images([mesh], 64, 64)[0].amax(0).numpy() > 0.1
+        block = json.loads(sample["json"])["local_image" if sample["__key__"].endswith("-local") else "image"]
+        silhouette = np.asarray(Image.open(io.BytesIO(meshes[sample["__key__"]])).convert("L")) > 25
         ys, xs = np.nonzero(silhouette)
-        boxes = np.array([np.concatenate([h["center"] - h["scale"] * 100, h["center"] + h["scale"] * 100])
-                          for h in load_pyd(sample["data.pyd"])])
+        boxes = np.array([h["box"] for h in block["hands"]])
         union = np.clip([*boxes[:, :2].min(0), *boxes[:, 2:].max(0)], 0, 63)
-        np.testing.assert_allclose(union, [xs.min(), ys.min(), xs.max(), ys.max()], atol=1.0)
+        np.testing.assert_allclose(union, [xs.min(), ys.min(), xs.max(), ys.max()], atol=1.5)
+        centres = [h["center"] for h in load_pyd(sample["data.pyd"])]
+        assert centres and all(np.min(np.abs((boxes[:, :2] + boxes[:, 2:]) / 2 - c).sum(1)) < 1e-3 for c in centres)
 
 
 # --- the design card, typed exactly, in an empty folder outside the repository ---------------------------
@@ -177,6 +187,8 @@ def test_design_card_commands_typed_exactly_in_a_fresh_folder(tmp_path, mano_dir
     for sample in samples:
         record = json.loads(sample["json"])
         generation = record.pop("generation")
+        assert {"image", "local_image"} <= set(record) and record.pop("image")["size"] == [512, 512]
+        record.pop("local_image")
         assert record == json.loads((render_run / "labels" / f"{record['key']}.json").read_text())
         assert record["original"]["image"]["file_name"]              # the InterHand annotation, unchanged
         assert sample["jpg"] == (gen_run / "images" / f"{sample['__key__']}.jpg").read_bytes()

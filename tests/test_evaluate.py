@@ -217,12 +217,20 @@ def test_generated_set_takes_each_image_frame_from_its_sample_file(hand_scene_re
         generated_set(run)
 
     # a sample file without the block (older runs): the whole source frame resized to the image
-    legacy = make_generate_run(tmp_path / "legacy", small_render_run, 2, size=(64, 48))
+    # (a stretch run - the mapping such runs had - with its blocks removed)
+    legacy = make_generate_run(tmp_path / "legacy", small_render_run, 2, size=64, fit="stretch")
+    stretched = {}
+    for path in (legacy / "samples").glob("*.json"):
+        record = json.loads(path.read_text())
+        stretched[record["frame"]] = record.pop("image")
+        record.pop("local_image")
+        path.write_text(json.dumps(record))
     item = generated_set(legacy).items[1]
     label = json.loads((small_render_run / "labels" / f"{item.info['frame']}.json").read_text())
     (w, h), joints = label["image_size"], np.asarray(label["hands"][0]["joints_2d"])
-    expected = np.c_[(joints[:, 0] + 0.5) * 64 / w - 0.5, (joints[:, 1] + 0.5) * 48 / h - 0.5]
+    expected = np.c_[(joints[:, 0] + 0.5) * 64 / w - 0.5, (joints[:, 1] + 0.5) * 64 / h - 0.5]
     np.testing.assert_allclose(item.hands[0].joints_2d, expected)
+    np.testing.assert_allclose(stretched[item.info["frame"]]["hands"][0]["joints_2d"], expected)
 
 
 # --- MediaPipe on rendered hands with known labels --------------------------------------------
@@ -349,7 +357,7 @@ def test_rerun_reuses_cached_results(evaluated, hand_task_file, tiny_extractor, 
 def test_evaluate_command_without_models_says_what_it_skipped(small_render_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HANDSYNTH_CACHE", str(tmp_path / "cache"))
-    run = make_generate_run(tmp_path / "gen", small_render_run, 4)        # no image geometry block: resized
+    run = make_generate_run(tmp_path / "gen", small_render_run, 4)
     code = main(["evaluate", "--run", str(run)])
     captured = capsys.readouterr()
     assert code == 0, captured.err

@@ -361,3 +361,32 @@ def test_a_huge_count_starts_at_once(tmp_path, capsys, monkeypatch, tiny_sd_dir,
     code, text = gen(capsys, recipe, "--count", str(10**12), "--out", str(tmp_path / "out"))
     assert code == 130 and "rerun the same command to resume" in text
     assert len(checks) == 2 and len(list((tmp_path / "out" / "samples").glob("*.json"))) == 2   # batch_size 2
+
+
+@pytest.mark.parametrize("fit", ["native", "crop"])
+def test_fit_decides_each_generated_frame(fit, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, small_render_run,
+                                          landscape_render_run):
+    """On the real excerpt (334x512 and 512x334) and the synthetic landscape set (640x360): every image
+    has the size its recorded block says (crop: image.size square; native: long side image.size, the
+    frame's aspect), and the block is the frame module's for that label (TAS runs on non-square latents)."""
+    from handsynth.generate.frame import sample_frames
+
+    for name, render in (("real", small_render_run), ("land", landscape_render_run)):
+        recipe = write_gen_recipe(tmp_path / name, tiny_sd_dir, tiny_guidance_dir,
+                                  extra=f"inputs:\n  run: {render}\n", name="fit.yaml")
+        recipe.write_text(recipe.read_text().replace("  size: 64\n", f"  size: 64\n  fit: {fit}\n"))
+        out = tmp_path / name / "out"
+        code, text = gen(capsys, recipe, "--out", str(out))
+        assert code == 0, text
+        for label in frames_of(render):
+            sample = json.loads((out / "samples" / f"{sample_key(label['key'], 0)}.json").read_text())
+            frames = sample_frames(label, fit, 64, label["image_size"], local=True)
+            assert sample["image"] == frames.image_block and sample["local_image"] == frames.local_block
+            W, H = label["image_size"]
+            size = Image.open(out / sample["outputs"]["image"]).size
+            assert list(size) == sample["image"]["size"]
+            if fit == "crop":
+                assert size == (64, 64)
+            else:
+                assert max(size) == 64 and (size[0] > size[1]) == (W > H) and abs(size[0] / size[1] - W / H) < 0.25
+            assert Image.open(out / sample["outputs"]["local"]).size == (64, 64)

@@ -175,8 +175,9 @@ def test_benchmark_tiny_mode_prints_parsable_figures(capsys):
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     assert benchmark.main(["--device", "cpu", "--tiny", "--batch-sizes", "1", "2", "--steps", "2", "--tas-steps", "1",
-                           "--repeats", "1"]) == 0
+                           "--repeats", "1", "--size", "40x64"]) == 0
     stdout = capsys.readouterr().out
+    assert "size=40x64" in stdout                          # a non-square frame, as image.fit native makes
     rows = re.findall(r"^batch=(\d+) tas_off_images_per_s=([\d.]+) tas_on_images_per_s=([\d.]+) "
                       r"tas_time_share=(-?[\d.]+)$", stdout, re.M)
     assert [int(r[0]) for r in rows] == [1, 2], stdout

@@ -49,7 +49,7 @@ class TASConfig:
     iterations: int = 1  # gradient updates on the latents per TAS step
     step_size_start: float = 20.0  # alpha at the first TAS update ...
     step_size_end: float = 10.0  # ... decreasing (linearly in alpha^2, see step_sizes) to this at the last
-    attention_res: int = 16  # record cross-attention at this latent-grid resolution (SD1.5 at 512: 16x16)
+    attention_res: int = 16  # record cross-attention at this resolution of the latent's longer side (SD1.5 at 512: 16)
     softmax_scale: float = 100.0
     kernel_size: int = 3
     sigma: float = 0.5
@@ -81,8 +81,9 @@ class AttentionStore:
     """Collects head-averaged cross-attention probabilities of one forward pass.
 
     Use :meth:`recording` around a UNet call: it clears the store, sets the target resolution from
-    the latent size (``attention_res`` rows; e.g. a 64x64 latent and attention_res=16 record the layers
-    at 1/4 of the latent size) and the batch rows to keep. Layers at other resolutions are ignored.
+    the latent size (``attention_res`` along the latent's longer side; e.g. a 64x64 latent and
+    attention_res=16 record the layers at 1/4 of the latent size, a 64x42 latent the 16x11 layers) and
+    the batch rows to keep. Layers at other resolutions are ignored.
     """
 
     def __init__(self, attention_res: int = 16):
@@ -110,10 +111,11 @@ class AttentionStore:
         UNet whose layers then differ, the forward runs to the end.
         """
         h, w = latent_hw
-        if h % self.attention_res:
-            raise ValueError(f"attention_res {self.attention_res} does not divide the latent height {h}")
-        factor = h // self.attention_res
-        self.hw, self.rows, self.active = (h // factor, w // factor), rows, True
+        if max(h, w) % self.attention_res:
+            raise ValueError(f"attention_res {self.attention_res} does not divide the latent's longer side "
+                             f"{max(h, w)}")
+        factor = max(h, w) // self.attention_res
+        self.hw, self.rows, self.active = (_downsampled(h, factor), _downsampled(w, factor)), rows, True
         self.seen_lengths, self._sum, self._count, self._layers = set(), None, 0, []
         key = (h, w, self.attention_res)
         self._stop_at = self._known.get(key) if truncate and self._known is not None else None
@@ -155,6 +157,16 @@ class AttentionStore:
                 f"seen: {sorted(self.seen_lengths)}); choose another attention_res")
         avg = self._sum / self._count
         return avg.reshape(avg.shape[0], *self.hw, avg.shape[-1])
+
+
+def _downsampled(n: int, factor: int) -> int:
+    """A latent side after the UNet's downsamplings by ``factor``: each stride-2 step rounds up (a 42-wide
+    latent is 21 then 11 wide), so the shorter side of a non-square latent need not divide evenly."""
+    if factor & (factor - 1):            # not a power of two: no UNet level has this resolution
+        return n // factor
+    while factor > 1:
+        n, factor = -(-n // 2), factor // 2
+    return n
 
 
 class TASAttnProcessor:

@@ -45,11 +45,16 @@ def export(
         show_default=False)] = None,
     evaluation: Annotated[Optional[Path], typer.Option(
         help="Evaluation folder the gate reads (default: <run>/evaluation).", show_default=False)] = None,
+    hamer_margin: Annotated[Optional[float], typer.Option(
+        help="hamer layout: HaMeR's crop (scale * 200) as a multiple of the hand box's longer side (default: "
+             "2.2, which keeps every joint in the crop under HaMeR's default training augmentation).",
+        show_default=False)] = None,
 ) -> None:
     """Export generated images with their ORIGINAL 3D labels as WebDataset tar shards.
 
-    Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
+    Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), each image's labels in its own pixel frame (size, K, 2D joints, boxes), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
     """
+    from handsynth.export.hamer import HAMER_MARGIN
     from handsynth.export.webdataset import GENERATE_STAGE, export_run, verify_shards
     from handsynth.rundir import newest_run
 
@@ -71,6 +76,8 @@ def export(
         shard_size = defaults["--shard-size"] = DEFAULT_SHARD_SIZE
     if layout is None:
         layout = defaults["--layout"] = "handsynth"
+    if layout == "hamer" and hamer_margin is None:
+        hamer_margin = defaults["--hamer-margin"] = HAMER_MARGIN
     gate = None
     if min_hand_score is not None or max_keypoint_error is not None:
         from handsynth.evaluate.gate import EVALUATION, Gate
@@ -80,7 +87,8 @@ def export(
             defaults["--evaluation"] = run / EVALUATION
     print_defaults(defaults)
     summary = export_run(run, out, format=format, shard_size=shard_size, layout=layout, overwrite=overwrite,
-                         verify=verify, mano_dir=mano_dir, gate=gate)
+                         verify=verify, mano_dir=mano_dir, gate=gate,
+                         hamer_margin=hamer_margin)
     stdout.print(
         f"exported {summary.samples} samples into {summary.shards} shards in {summary.out} "
         f"({summary.written} written, {summary.kept} already complete; {summary.bytes / 1e6:.1f} MB) in "

@@ -39,8 +39,9 @@ SEED_RULE = ("noise seed of sample i: numpy SeedSequence(entropy=recipe.seed, sp
 @dataclass(frozen=True)
 class FrameInput:
     """One input frame: its key, hand configuration ("right" | "left" | "both"; None when unknown), the
-    global mesh image, the optional local mesh image, and (modalities) its own prompt text. ``mesh_ref`` /
-    ``local_ref`` are the image paths as recorded in sample files (relative to the render run)."""
+    global mesh image, the optional local mesh image, (modalities) its own prompt text, and (render runs)
+    its render label file, which decides the generated frame. ``mesh_ref`` / ``local_ref`` are the image
+    paths as recorded in sample files (relative to the render run)."""
 
     key: str
     mesh: Path
@@ -49,6 +50,7 @@ class FrameInput:
     local: Path | None = None
     local_ref: str | None = None
     text: str | None = None
+    label: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -150,11 +152,12 @@ def read_render_run(run: Path, condition: str = "mesh") -> Inputs:
                              f"{', '.join(sorted(images))}), but the recipe's model.condition is {condition}",
                              where=jsonl, fix=f"render with `--style mesh,depth` (or `--style {condition}`) into a "
                                               "new --out, or set model.condition to the style the run has")
-        if not render_layout.label_path(run, key).is_file():
+        label = render_layout.label_path(run, key)
+        if not label.is_file():
             continue
         local_path = run / local if local and (run / local).is_file() else None
         frames.append(FrameInput(key=key, mesh=run / mesh, mesh_ref=mesh, hands=hand_config(sides),
-                                 local=local_path, local_ref=local if local_path else None))
+                                 local=local_path, local_ref=local if local_path else None, label=label))
     if not frames:
         raise InputError("the render run has no rendered frames", where=run,
                          fix="render labels with at least one visible hand (`handsynth render --labels ...`)")

@@ -100,7 +100,12 @@ class TASSettings(_Strict):
 
 
 class ImageConfig(_Strict):
+    """``size``: the generated side (``native``: the long side); ``fit``: how each source frame becomes the
+    generated frame - ``crop`` a square about the hands, ``native`` the whole frame at its aspect,
+    ``stretch`` the whole frame squashed into a square (distorts; see handsynth.generate.frame)."""
+
     size: int = Field(512, ge=64, le=2048, multiple_of=8)
+    fit: Literal["crop", "native", "stretch"] = "crop"
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(95, ge=1, le=100)
 
@@ -377,7 +382,7 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
 
 
 def check_tas_resolution(recipe: Recipe, latent_factor: int, resolutions: list[int] | None = None) -> None:
-    """TAS records cross-attention at ``attention_res`` rows: it must divide the latent size
+    """TAS records cross-attention at ``attention_res`` along the longer side: it must divide the latent size
     (image.size / ``latent_factor``, the loaded model's VAE factor: 8 for SD1.5) and, given the model's
     cross-attention map sides at that size (``resolutions``), be one of them. Checked at generate time, when
     the model is loaded; raises InputError naming the recipe file and ``tas.attention_res``."""
