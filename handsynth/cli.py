@@ -6,8 +6,12 @@ Heavy libraries (torch, pyrender, diffusers) are imported inside the stage funct
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -17,7 +21,7 @@ from handsynth import __version__
 from handsynth.console import console
 from handsynth.attentionhand.convert_command import convert
 from handsynth.doctor import doctor
-from handsynth.errors import HandsynthError
+from handsynth.errors import HandsynthError, Terminated
 from handsynth.evaluate.command import evaluate
 from handsynth.export.command import export
 from handsynth.generate.command import generate
@@ -68,21 +72,57 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turn HandsynthError into one clear paragraph."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _sigterm_interrupts():
             if not debug:   # libraries' deprecation notes are for developers, not for handsynth's users
                 warnings.filterwarnings("ignore", module=r"(?!handsynth(\.|$))")
             app(args=argv, prog_name="handsynth")  # standalone mode: usage errors print and exit 2
     except SystemExit as exc:
+        stop = _interruption(exc)       # typer turns Ctrl-C into a silent exit 130
+        if stop is not None:
+            return _interrupted(stop)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except HandsynthError as exc:
         if debug:
             console.print_exception()
         console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: finished items are kept; rerun the same command to resume[/yellow]")
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
     return 0
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM unwinds it like Ctrl-C (see :class:`handsynth.errors.Terminated`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interruption(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(stop: KeyboardInterrupt) -> int:
+    what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+    console.print(f"[yellow]{what}: finished items are kept; rerun the same command to resume[/yellow]")
+    return 128 + signal.SIGTERM if isinstance(stop, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -42,3 +42,8 @@ class OutputError(HandsynthError):
     """The output location cannot be written."""
 
     exit_code = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop request), raised in the main thread so that a run unwinds
+    exactly as on Ctrl-C: finished items kept, the manifest saying "interrupted", exit status 143."""

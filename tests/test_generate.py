@@ -359,7 +359,7 @@ def test_a_huge_count_starts_at_once(tmp_path, capsys, monkeypatch, tiny_sd_dir,
     monkeypatch.setattr(runner.Runner, "generate", first_batch_then_interrupt)
     recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {small_render_run}\n")
     code, text = gen(capsys, recipe, "--count", str(10**12), "--out", str(tmp_path / "out"))
-    assert code == 130, text
+    assert code == 130 and "rerun the same command to resume" in " ".join(text.split()), text
     assert len(checks) == 2 and len(list((tmp_path / "out" / "samples").glob("*.json"))) == 2   # batch_size 2
 
 

@@ -439,3 +439,33 @@ def test_a_missing_osmesa_library_is_a_one_paragraph_error(tmp_path, mano_dir):
     err = " ".join(done.stderr.split())
     assert done.returncode == 3 and "headless OpenGL through 'osmesa' is not available" in err, err
     assert "libosmesa6" in err and "Traceback" not in err
+
+
+def test_a_render_runs_labels_jsonl_renders_again_to_the_same_files(ih_run, mano_dir, tmp_path):
+    """Render's own labels.jsonl is a label file render reads: same keys, labels (source ids, original
+    annotation, geometry) and byte-identical images as the run rendered from the source."""
+    _, out, _ = ih_run
+    again = tmp_path / "again"
+    summary = render_run(out / "labels.jsonl", again, mano_dir=mano_dir)
+    assert summary.rendered == 4
+    first, second = _files(out), _files(again)
+    assert first.keys() == second.keys()
+    for name in first:
+        if name.endswith(".json") or name.endswith(".jsonl"):
+            continue
+        assert first[name] == second[name], name
+    for key in KEYS:
+        a, b = (json.loads((run / "labels" / f"{key}.json").read_text()) for run in (out, again))
+        assert a.pop("images_sha256") == b.pop("images_sha256")
+        assert a == b, key
+
+
+def test_a_damaged_render_label_line_names_line_and_field(tmp_path, mano_dir, ih_run, capsys):
+    _, out, _ = ih_run
+    line = json.loads((out / "labels.jsonl").read_text().splitlines()[0])
+    del line["hands"][0]["mano"]["pose"]
+    bad = tmp_path / "labels.jsonl"
+    bad.write_text(json.dumps(line) + "\n")
+    assert main(["render", "--labels", str(bad), "--mano-dir", str(mano_dir), "--out", str(tmp_path / "o")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "line 1" in err and "hands[0].mano.pose" in err, err

@@ -109,6 +109,40 @@ def test_a_sigkilled_run_is_recognised_as_stale_and_resumed(tmp_path, capsys):
     assert manifest(out)["status"] == "complete" and manifest(out)["previous_status"] == "running"
 
 
+STOPPED_CHILD = """
+import sys, time
+from handsynth import cli
+from handsynth.rundir import RunDir
+
+@cli.app.command("sleepy")          # a command that holds a run open, registered for this child only
+def sleepy(out: str) -> None:
+    with RunDir(out, "render", fingerprint={"recipe": "abc"}, command=["handsynth", "sleepy"]).open() as run:
+        (run.out / "frame.png").write_bytes(b"finished work")
+        print("ready", flush=True)
+        time.sleep(600)
+
+sys.exit(cli.main(["sleepy", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted: "),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM): ")])
+def test_ctrl_c_and_sigterm_end_a_run_as_interrupted_with_the_resume_advice(tmp_path, sig, code, said):
+    out = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD, str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == code, err
+    assert said in err and "rerun the same command to resume" in " ".join(err.split()), err
+    assert manifest(out)["status"] == "interrupted" and not rundir.is_locked(out)
+    assert (out / "frame.png").read_bytes() == b"finished work"
+
+
 def test_only_own_runs_are_resumed_or_replaced(tmp_path):
     user = tmp_path / "user"
     user.mkdir()

@@ -74,6 +74,8 @@ def classify(doc: Any) -> tuple[str | None, str | None]:
     """(format, role) of a parsed JSON document, or (None, None)."""
     if not isinstance(doc, Mapping) or not doc:
         return None, None
+    if "hands" in doc and ("id" in doc or {"key", "camera"} <= set(doc)):   # ours, or a render run's label
+        return "handsynth-jsonl", "lines"
     if "images" in doc or "annotations" in doc:
         anns, imgs = doc.get("annotations"), doc.get("images")
         ann = anns[0] if isinstance(anns, list) and anns and isinstance(anns[0], Mapping) else {}
@@ -83,8 +85,6 @@ def classify(doc: Any) -> tuple[str | None, str | None]:
         if {"capture", "frame_idx", "camera"} <= set(img):
             return "interhand26m", "data"
         return None, None
-    if "hands" in doc and "id" in doc:
-        return "handsynth-jsonl", "lines"
     for value in islice(doc.values(), _SCAN):
         if not isinstance(value, Mapping) or not value:
             continue

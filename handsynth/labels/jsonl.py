@@ -18,6 +18,10 @@
 
 X_cam = R X + t; u = fx X/Z + cx, v = fy Y/Z + cy. Blank lines are ignored; other fields are kept
 in ``original``. The frame key is the id in the key alphabet (handsynth.keys.frame_key).
+
+A render run's own ``labels.jsonl`` (lines with ``key``, ``camera`` and ``hands[i].mano`` instead of ``id``)
+is read too: each frame keeps its key, source format, source ids and original annotation, so rendering
+it again gives the same labels and images as rendering the source.
 """
 
 from __future__ import annotations
@@ -51,14 +55,15 @@ def read(path: Path, *, limit: int | None = None) -> LabelSet:
                 frame = _frame(path, number, line, skips)
                 if frame is None:
                     continue
+                frame_id = frame.source_id.get("id", frame.key)
                 if frame.key in seen:
                     first_line, first_id = seen[frame.key]
                     raise InputError(
-                        f"line {number}: id {frame.source_id['id']!r} gives the same frame key "
+                        f"line {number}: id {frame_id!r} gives the same frame key "
                         f"'{frame.key}' as id {first_id!r} on line {first_line}",
                         where=f"{path}, line {number}, field 'id'",
                         fix="give every frame a distinct id (keys keep only a-z, 0-9, '_' and '-')")
-                seen[frame.key] = (number, frame.source_id["id"])
+                seen[frame.key] = (number, frame_id)
                 frames.append(frame)
     except UnicodeDecodeError:
         raise InputError("the label file is not UTF-8 text", where=path,
@@ -77,6 +82,8 @@ def _frame(path: Path, number: int, line: str, skips: Skips) -> Frame | None:
     if not isinstance(rec, Mapping):
         raise InputError(f"line {number} should be a JSON object, got {type(rec).__name__}",
                          where=f"{path}, line {number}", fix="write one JSON object per line")
+    if "id" not in rec and "key" in rec and "camera" in rec:
+        return _render_label_frame(path, rec, where)
     frame_id = record_id(rec, "id", where, holds="the frame's unique id")
     size = image_size(require(rec, "width", where), require(rec, "height", where), where)
     camera = _camera(rec, where)
@@ -100,6 +107,47 @@ def _frame(path: Path, number: int, line: str, skips: Skips) -> Frame | None:
     return Frame(key=frame_key(frame_id), source_format=FORMAT, image_size=size, camera=camera,
                  hands=hands, image_path=_image(rec, path, where),
                  source_id={"id": frame_id, "line": number}, original=dict(rec))
+
+
+def _render_label_frame(path: Path, rec: Mapping, where: Where) -> Frame:
+    """A line of a render run's ``labels.jsonl`` (see handsynth.render.layout) as the frame it was made from."""
+    key = record_id(rec, "key", where, holds="the frame key render wrote")
+    if not isinstance(key, str) or frame_key(key) != key:
+        raise where.error("key", f"is not a frame key, got {key!r}",
+                          "pass the labels.jsonl of a render run unchanged, or write handsynth JSON Lines with 'id'")
+    size = require_list(rec, "image_size", where, holds="[width, height] in pixels")
+    if len(size) != 2:
+        raise where.error("image_size", f"must be [width, height], got {size!r}", "give two whole numbers of pixels")
+    size = image_size(*size, where, fields=("image_size[0]", "image_size[1]"))
+    cam = require(rec, "camera", where, holds="focal, princpt, R, t")
+    get = lambda name: require(cam, name, where, field=f"camera.{name}")  # noqa: E731
+    camera = make_camera(get("focal"), get("princpt"), get("R"), get("t"), where,
+                         fields=("camera.focal", "camera.princpt", "camera.R", "camera.t"))
+    hands = []
+    for i, h in enumerate(require_list(rec, "hands", where, holds="a list of hands")):
+        prefix = f"hands[{i}]"
+        hands.append(make_hand(require(h, "side", where, field=f"{prefix}.side"),
+                               require(h, "mano", where, field=f"{prefix}.mano"), where,
+                               prefix=f"{prefix}.mano", bbox=h.get("source_bbox")))
+    if not hands:
+        raise where.error("hands", "is empty", "pass the labels.jsonl of a render run unchanged")
+    source_id = rec.get("source_id") if isinstance(rec.get("source_id"), Mapping) else {}
+    original = rec.get("original") if isinstance(rec.get("original"), Mapping) else {}
+    return Frame(key=key, source_format=str(rec.get("source_format") or FORMAT), image_size=size, camera=camera,
+                 hands=hands, image_path=_render_label_image(rec.get("image_path"), path),
+                 source_id=dict(source_id), original=dict(original))
+
+
+def _render_label_image(value: Any, path: Path) -> Path | None:
+    """The source image a render label names: absolute, or relative to where render ran (tried from the
+    working directory, then from the run folder's parent); None when it is not there."""
+    if not isinstance(value, str) or not value:
+        return None
+    image = Path(value)
+    for candidate in (image,) if image.is_absolute() else (image, path.parent.parent / image):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _camera(rec: Mapping, where: Where) -> Camera:
