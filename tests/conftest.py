@@ -14,4 +14,5 @@ pytest_plugins = sorted(
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHIPPED_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+AUGMENT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "augment.yaml"
+SHIPPED_RECIPES = sorted(p for p in AUGMENT_RECIPE.parent.glob("*.yaml") if p != AUGMENT_RECIPE)  # generation
