@@ -199,6 +199,8 @@ def test_an_interpenetrating_two_hand_candidate_is_rejected(tmp_path, mano_dir, 
     assert all(r["augment"]["two_hands"]["penetration_mm"] == 0.0 for r in records)
     rejected = sum(r["augment"]["attempt"] for r in records)   # every earlier attempt of a frame was rejected
     assert summary["rejections"] == {"total": rejected, "interpenetration": rejected} and rejected > 0
+    assert summary["rejections_by_source"] == {"overlap": rejected}
+    assert summary["frames_by_source"] == {"sources_used": 1, "most_used": {"apart": 8}}
 
 
 def test_the_output_renders_and_silhouettes_cover_the_projected_joints(run, mano_dir, tmp_path):

@@ -110,6 +110,8 @@ def augment_labels(labels: Path, recipe: Any, *, count: int, out: Path, format: 
     accepted = [r.candidate for r in results if r.candidate is not None]
     lines = [json.dumps(c.record, allow_nan=False) for c in accepted]
     rejections = sum((r.rejections for r in results), Counter())
+    rejected_sources = sum((r.rejected_sources for r in results), Counter())
+    used = Counter(c.record["augment"]["source"]["key"] for c in accepted)
 
     distances: dict[str, Any] = {}
     for side in ("right", "left"):
@@ -129,6 +131,8 @@ def augment_labels(labels: Path, recipe: Any, *, count: int, out: Path, format: 
         "source_frames": len(augmenter.sources),
         "source_hands": {side: len(augmenter.pool[side]) for side in ("right", "left")},
         "rejections": {"total": int(sum(rejections.values())), **dict(sorted(rejections.items()))},
+        "rejections_by_source": dict(rejected_sources.most_common(20)),      # the 20 most rejected source frames
+        "frames_by_source": {"sources_used": len(used), "most_used": dict(used.most_common(20))},
         "attempts_per_frame": {"max": recipe.max_attempts,
                                "mean": float(np.mean([sum(r.rejections.values()) + (r.candidate is not None)
                                                       for r in results]))},
@@ -152,6 +156,9 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"(summary: {summary_path(Path(summary['output']))}) in {summary['elapsed_s']:.1f} s from "
              f"{summary['source_frames']} source frames; rejected candidates: {rej}; joints clipped to "
              f"the anatomical limits: {summary['joints_clipped_to_limits']}"]
+    if summary["rejections_by_source"]:
+        key, n = next(iter(summary["rejections_by_source"].items()))
+        lines[0] += f" (most rejected source frame: {key}, {n} times)"
     for side, d in summary["pose_distance"].items():
         for name, unit in (("angle_deg", "deg mean joint angle"), ("joints_mm", "mm root-aligned joints")):
             near, own = d[name]["new_to_nearest_source"], d[name]["source_spacing"]

@@ -14,6 +14,8 @@ not tested (they cannot be inside).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 
@@ -42,12 +44,18 @@ def boundary_loops(faces: np.ndarray) -> list[list[int]]:
     return loops
 
 
+@lru_cache(maxsize=8)
+def _loops(faces_bytes: bytes) -> list[list[int]]:
+    return boundary_loops(np.frombuffer(faces_bytes, dtype=np.int64).reshape(-1, 3))
+
+
 def close_boundary(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vertices and faces with every boundary loop capped by a fan around the loop's centroid."""
     vertices = np.asarray(vertices, dtype=np.float64)
-    new_vertices, new_faces = [vertices], [np.asarray(faces, dtype=np.int64)]
+    faces = np.ascontiguousarray(faces, dtype=np.int64)
+    new_vertices, new_faces = [vertices], [faces]
     n = len(vertices)
-    for loop in boundary_loops(faces):
+    for loop in _loops(faces.tobytes()):       # a hand model's faces never change: find its loops once
         centre = n
         new_vertices.append(vertices[loop].mean(0, keepdims=True))
         n += 1

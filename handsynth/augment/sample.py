@@ -59,15 +59,16 @@ class Candidate:
 class FrameResult:
     index: int
     candidate: Candidate | None
-    rejections: Counter = field(default_factory=Counter)
+    rejections: Counter = field(default_factory=Counter)          # by reason
+    rejected_sources: Counter = field(default_factory=Counter)    # by source frame key
 
 
 class Rejected(Exception):
-    """A candidate failed a check; ``reason`` is the counter key."""
+    """A candidate failed a check; ``reason`` is the counter key, ``source`` the source frame's key."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, source: str):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.source = reason, source
 
 
 def _rng(seed: int, index: int, attempt: int) -> np.random.Generator:
@@ -183,7 +184,7 @@ class Augmenter:
             depth_mm = 1000.0 * penetration_depth(world[0][0], self.faces[hands[0].side],
                                                   world[1][0], self.faces[hands[1].side])
             if depth_mm > r.two_hands.max_penetration_mm:
-                raise Rejected("interpenetration")
+                raise Rejected("interpenetration", src.key)
 
         points = np.concatenate([np.concatenate([v, j]) for v, j, _ in world])
         view: dict[str, Any] | None = None
@@ -211,7 +212,7 @@ class Augmenter:
             uv = x[:, :2] / np.maximum(x[:, 2:], 1e-12) * [K[0, 0], K[1, 1]] + [K[0, 2], K[1, 2]]
             w, h = size
             if np.any(x[:, 2] <= 0) or np.any((uv < -0.5) | (uv > [w - 0.5, h - 0.5])):
-                raise Rejected("out_of_frame")
+                raise Rejected("out_of_frame", src.key)
 
         out_hands = []
         for hand, pose, shape, (_, _, new_trans) in zip(hands, poses, new_shapes, world):
@@ -240,6 +241,7 @@ class Augmenter:
                 return result
             except Rejected as exc:
                 result.rejections[exc.reason] += 1
+                result.rejected_sources[exc.source] += 1
         return result
 
 
