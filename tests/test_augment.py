@@ -257,3 +257,22 @@ def test_cli_refuses_to_overwrite_and_reports_bad_input(excerpt, mano_dir, tmp_p
     assert main(["augment", "--labels", str(empty), "--count", "1", "--out", str(tmp_path / "e.jsonl"),
                  "--mano-dir", str(mano_dir)]) == 2
     assert "no frame of the label file has a valid hand" in " ".join(capsys.readouterr().err.split())
+
+
+def test_without_viewpoint_the_source_camera_stays_and_hands_out_of_its_image_are_rejected(tmp_path, mano_dir):
+    seen = jsonl_record("seen", hands=[{"side": "right", "pose": [0.0] * 48, "shape": [0.0] * 10,
+                                        "trans": [0.0, 0.02, 0.6]}])
+    outside = jsonl_record("outside", hands=[{"side": "right", "pose": [0.0] * 48, "shape": [0.0] * 10,
+                                              "trans": [0.5, 0.0, 0.6]}])
+    labels = write_jsonl(tmp_path / "cams.jsonl", [seen, outside])
+    recipe = AugmentRecipe.model_validate({"viewpoint": {"enabled": False}, "shape": {"sigma": 0.3}})
+    out = tmp_path / "cams-out.jsonl"
+    summary = augment_labels(labels, recipe, count=10, out=out, mano_dir=mano_dir)
+    records = _records(out)
+    assert len(records) == 10 and {r["augment"]["source"]["key"] for r in records} == {"seen"}
+    for rec in records:
+        assert rec["augment"]["viewpoint"] is None
+        assert (rec["width"], rec["height"], rec["K"]) == (seen["width"], seen["height"], seen["K"])
+        assert rec["R"] == np.eye(3).tolist() and rec["t"] == [0.0, 0.0, 0.0]
+    assert summary["rejections"]["out_of_frame"] == summary["rejections"]["total"] > 0
+    assert summary["viewpoint_coverage"] is None

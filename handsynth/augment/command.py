@@ -41,10 +41,9 @@ def augment(
 ) -> None:
     """Make new, exactly labelled hand frames: new viewpoints, poses, shapes and two-hand placements.
 
-    Frame i is a pure function of the recipe seed and i, records its source frame and every change
-    applied, and is written as handsynth JSON Lines that `handsynth render --labels OUT` reads. A
-    summary (distance of the new poses to the source poses, viewpoint coverage, rejections) is
-    printed and written beside the output.
+    Frame i is a pure function of the recipe seed and i, records its source frame and every change applied, and is written as handsynth JSON Lines that `handsynth render --labels OUT` reads.
+
+    A summary (distance of the new poses to the source poses, viewpoint coverage, rejections) is printed and written beside the output. An existing --out is kept unless --overwrite.
     """
     from handsynth.augment.recipe import AugmentRecipe, load_augment_recipe
 
