@@ -6,12 +6,15 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from handsynth.console import console, print_defaults, progress, stdout
 from handsynth.errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    from handsynth.augment.recipe import AugmentRecipe
 
 
 def summary_path(out: Path) -> Path:
@@ -68,7 +71,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
                           fix="pass --overwrite to replace it, or choose another --out")
 
 
-def augment_labels(labels: Path, recipe: Any, *, count: int, out: Path, format: str | None = None,
+def augment_labels(labels: Path, recipe: AugmentRecipe, *, count: int, out: Path, format: str | None = None,
                    mano_dir: Path | None = None, overwrite: bool = False,
                    recipe_path: Path | None = None) -> dict[str, Any]:
     """Generate frames 0..count-1, write ``out`` and its summary atomically; returns the summary."""
@@ -92,7 +95,7 @@ def augment_labels(labels: Path, recipe: Any, *, count: int, out: Path, format: 
         raise InputError("no frame of the label file has a valid hand to start from", where=labels,
                          fix="check the labels (hands marked invalid, or all frames skipped: "
                              f"{label_set.skipped or 'none'})") from None
-    io.ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    io.ensure_writable_dir(out.parent)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)            # MANO on one or two hands: the thread pool costs more than it saves
@@ -118,9 +121,9 @@ def augment_labels(labels: Path, recipe: Any, *, count: int, out: Path, format: 
         src = np.array([h.pose for _, h in augmenter.pool[side]]).reshape(-1, 48)
         if not len(new) or not len(src):
             continue
-        rot = lambda poses: np.stack([augmenter.total_rotations(side, p) for p in poses])  # noqa: E731
-        distances[side] = stats.pose_distances(rot(new), stats.canonical_joints(model.forward, side, new),
-                                               rot(src), stats.canonical_joints(model.forward, side, src))
+        new_rot, src_rot = (np.stack([augmenter.total_rotations(side, p) for p in poses]) for poses in (new, src))
+        distances[side] = stats.pose_distances(new_rot, stats.canonical_joints(model.forward, side, new),
+                                               src_rot, stats.canonical_joints(model.forward, side, src))
     views = [(c.azimuth_deg, c.elevation_deg) for c in accepted if c.azimuth_deg is not None]
     summary = {
         "output": str(out), "labels": str(labels), "format": label_set.format,

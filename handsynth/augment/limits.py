@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from handsynth.hand_model import TIP_VERTICES
+
 # MANO joint indices 1..15 (pose[3:48] in this order): index 1-3, middle 4-6, pinky 7-9, ring 10-12,
 # thumb 13-15; the parent of each joint and the next joint along the digit (None: the fingertip vertex).
 JOINT_NAMES: tuple[str, ...] = (
@@ -44,7 +46,7 @@ JOINT_NAMES: tuple[str, ...] = (
     "pinky_mcp", "pinky_pip", "pinky_dip", "ring_mcp", "ring_pip", "ring_dip",
     "thumb_cmc", "thumb_mcp", "thumb_ip",
 )
-DIGIT_TIPS = {"index": 320, "middle": 443, "pinky": 671, "ring": 554, "thumb": 744}   # MANO vertex ids
+DIGIT_TIPS = TIP_VERTICES                                # fingertip vertex id per digit
 MANO_WRIST, MANO_INDEX1, MANO_MIDDLE1, MANO_PINKY1 = 0, 1, 4, 7
 
 # (bend lo, bend hi, splay lo, splay hi, twist lo, twist hi) in degrees.
