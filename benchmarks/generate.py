@@ -2,16 +2,21 @@
 
 Builds the Stable Diffusion 1.5 architecture (UNet, guidance module from it, VAE, CLIP ViT-L/14 text
 encoder) from configs written below with random weights - nothing is downloaded - and times
-``--repeats`` generations per batch size at 512x512, 20 DDIM steps, TAS off and TAS on (first 10
-steps, one update each). Both are measured in the same run on the same models; the TAS share is
-``1 - t_off / t_on``, the fraction of a TAS-on generation spent in TAS.
+``--repeats`` generations per batch size at 512x512 (``--size WxH`` for other frames, e.g. 336x512 as
+``image.fit: native`` makes of a 334x512 source), 20 DDIM steps, TAS off and TAS on (first 10
+steps, one update each), off and on interleaved (one generation each, in alternating order) so that
+both see the same machine load. The TAS share is ``1 - t_off / t_on``, the fraction of a TAS-on
+generation spent in TAS.
 
     python benchmarks/generate.py                       # CUDA, fp16, batch sizes 1 and 4
     python benchmarks/generate.py --dtype bf16 --local  # bf16, global + local branch
-    python benchmarks/generate.py --device cpu --tiny   # tiny models on CPU: checks the script itself
+    python benchmarks/generate.py --device cpu --tiny   # tiny models (64x64) on CPU, same schedule
+    python benchmarks/generate.py --device cpu --tiny --threads 1 --batch-sizes 1   # the README's CPU figure
 
-Output, one line per batch size (parsed by tests/test_pipeline.py):
+Output, one line per batch size (parsed by tests/test_pipeline.py), then the median over the repeats of
+(TAS-on time / TAS-off time), all batch sizes together:
     batch=4 tas_off_images_per_s=1.2345 tas_on_images_per_s=0.8765 tas_time_share=0.2900
+    tas_ratio: 1.4100
 """
 
 from __future__ import annotations
@@ -113,13 +118,13 @@ def build_pipeline(tiny: bool, device: str, dtype: torch.dtype, workdir: Path) -
                                  controlnet=controlnet, scheduler=DDIMScheduler(**SD15_SCHEDULER))
 
 
-def timed(pipe, batch: int, size: int, steps: int, tas: TASConfig | None, local: bool, repeats: int,
+def timed(pipe, batch: int, size: tuple[int, int], steps: int, tas: TASConfig | None, local: bool, repeats: int,
           device: str) -> float:
-    """Seconds for ``repeats`` generations of ``batch`` images."""
+    """Seconds for ``repeats`` generations of ``batch`` images of ``size`` (W, H)."""
     rng = np.random.default_rng(0)
-    meshes = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
+    meshes = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(batch)]
     kwargs = dict(local_mesh_image=meshes if local else None, hand_token_indices=[HAND_TOKENS] * batch,
-                  num_inference_steps=steps, tas=tas, height=size, width=size, output_type="pt")
+                  num_inference_steps=steps, tas=tas, height=size[1], width=size[0], output_type="pt")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -130,16 +135,28 @@ def timed(pipe, batch: int, size: int, steps: int, tas: TASConfig | None, local:
     return time.perf_counter() - start
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not WxH, e.g. 336x512") from None
+    if w % 8 or h % 8 or w < 8 or h < 8:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be positive multiples of 8")
+    return w, h
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (64x64) instead of SD1.5 size")
     ap.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="default: fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--steps", type=int, help="denoising steps (default 20; tiny: 2)")
-    ap.add_argument("--tas-steps", type=int, help="TAS during the first K steps (default 10; tiny: 1)")
-    ap.add_argument("--repeats", type=int, help="timed generations per setting (default 3; tiny: 1)")
+    ap.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    ap.add_argument("--tas-steps", type=int, default=10, help="TAS during the first K steps (default 10)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations per setting (default 3)")
     ap.add_argument("--local", action="store_true", help="also run the local branch (2 images per sample)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy shared CPU)")
+    ap.add_argument("--size", type=_size, help="generated frame WxH, multiples of 8 (default 512x512; tiny: 64x64)")
     args = ap.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -148,28 +165,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")]
-    steps = args.steps or (2 if args.tiny else 20)
-    tas_steps = args.tas_steps if args.tas_steps is not None else (1 if args.tiny else 10)
-    repeats = args.repeats or (1 if args.tiny else 3)
-    size = 64 if args.tiny else 512
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps, tas_steps, repeats = args.steps, args.tas_steps, args.repeats
+    size = args.size or ((64, 64) if args.tiny else (512, 512))
     tas = TASConfig(max_steps=tas_steps)
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(args.tiny, args.device, dtype, Path(tmp))
     pipe.set_progress_bar_config(disable=True)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"device={name} dtype={dtype} size={size} steps={steps} tas_steps={tas_steps} repeats={repeats} "
+    print(f"device={name} dtype={dtype} size={size[0]}x{size[1]} steps={steps} tas_steps={tas_steps} repeats={repeats} "
           f"local={args.local} {'tiny' if args.tiny else 'sd15'}")
-    for batch in args.batch_sizes:
-        # warm-up (kernel selection, allocator, autograd): one TAS-on generation, 1 step when tiny
-        timed(pipe, batch, size, 1 if args.tiny else steps, tas, args.local, 1, args.device)
-        t_off = timed(pipe, batch, size, steps, None, args.local, repeats, args.device)
-        t_on = timed(pipe, batch, size, steps, tas, args.local, repeats, args.device)
+    t_off = np.zeros((len(args.batch_sizes), repeats))
+    t_on = np.zeros_like(t_off)
+    for b, batch in enumerate(args.batch_sizes):
+        # warm-up (kernel selection, allocator, autograd): one TAS-on generation
+        timed(pipe, batch, size, steps, tas, args.local, 1, args.device)
+        for r in range(repeats):
+            order = [(t_off, None), (t_on, tas)]
+            for times, setting in order if r % 2 == 0 else order[::-1]:
+                times[b, r] = timed(pipe, batch, size, steps, setting, args.local, 1, args.device)
         n = batch * repeats
-        print(f"batch={batch} tas_off_images_per_s={n / t_off:.4f} tas_on_images_per_s={n / t_on:.4f} "
-              f"tas_time_share={1 - t_off / t_on:.4f}", flush=True)
+        off, on = t_off[b].sum(), t_on[b].sum()
+        print(f"batch={batch} tas_off_images_per_s={n / off:.4f} tas_on_images_per_s={n / on:.4f} "
+              f"tas_time_share={1 - off / on:.4f}", flush=True)
     if args.device.startswith("cuda"):
         print(f"peak_gpu_memory_gib={torch.cuda.max_memory_allocated() / 2**30:.2f}")
+    print(f"tas_ratio: {float(np.median(t_on.sum(axis=0) / t_off.sum(axis=0))):.4f}")
     return 0
 
 

@@ -7,6 +7,7 @@ Heavy libraries (torch, pyrender, diffusers) are imported inside the stage funct
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -18,9 +19,11 @@ from handsynth.attentionhand.convert_command import convert
 from handsynth.augment.command import augment
 from handsynth.doctor import doctor
 from handsynth.errors import HandsynthError
+from handsynth.evaluate.command import evaluate
 from handsynth.export.command import export
 from handsynth.generate.command import generate
 from handsynth.prompts.command import prompts
+from handsynth.prompts.recipes_command import recipes_app
 from handsynth.render.command import render
 
 app = typer.Typer(
@@ -45,7 +48,8 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show full tracebacks on errors, and libraries' warnings.")] = False,
 ) -> None:
     """Global options; --debug is read by main() before the app runs."""
 
@@ -53,8 +57,10 @@ def _root(
 # --- commands, in pipeline order; each lives beside the stage it drives -------------------------
 app.command("augment")(augment)
 app.command("render")(render)
+app.add_typer(recipes_app)
 app.command("prompts")(prompts)
 app.command("generate")(generate)
+app.command("evaluate")(evaluate)
 app.command("export")(export)
 app.command("convert")(convert)
 app.command("doctor")(doctor)
@@ -64,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, turn HandsynthError into one clear paragraph."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, prog_name="handsynth")  # standalone mode: usage errors print and exit 2
+        with warnings.catch_warnings():
+            if not debug:   # libraries' deprecation notes are for developers, not for handsynth's users
+                warnings.filterwarnings("ignore", module=r"(?!handsynth(\.|$))")
+            app(args=argv, prog_name="handsynth")  # standalone mode: usage errors print and exit 2
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except HandsynthError as exc:

@@ -10,7 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from handsynth.console import stdout
-from handsynth.hub import DEFAULT_BASE_MODEL, local_files_only, looks_like_path
+from handsynth.hub import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE, local_files_only, looks_like_path
 
 
 @dataclass
@@ -98,6 +98,57 @@ def check_model(model: str) -> Check:
                  f"run `huggingface-cli download {model}` once, or pass a local diffusers folder", required=False)
 
 
+def check_guidance(guidance: str) -> Check:
+    """Whether the guidance module generate would load (a recipe's model.guidance) is here: anything
+    ``loading.resolve_guidance`` accepts (converted folder or its controlnet/, ControlNet folder, hub id in the
+    local cache, original-format .safetensors file, none)."""
+    from handsynth.attentionhand.loading import hint_shapes, missing_guidance, resolve_guidance
+    from handsynth.errors import HandsynthError
+
+    name = f"guidance module {guidance}"
+    try:
+        source = resolve_guidance(guidance)
+        if source.kind == "single-file":
+            channels, widths = hint_shapes(Path(source.location))
+            return Check(name, True, f"{source.describe()}; {channels}-channel condition, hint encoder "
+                                     f"{'/'.join(map(str, widths))}")
+    except HandsynthError as exc:
+        return Check(name, False, exc.what + (f" ({exc.where})" if exc.where else ""), exc.fix or "")
+    if source.kind == "hub":
+        hub = check_model(source.location)
+        if hub.ok or not hub.required:
+            return Check(name, hub.ok, f"hub ControlNet: {hub.detail}", hub.fix, hub.required)
+        error = missing_guidance(source, RuntimeError(hub.detail))   # the advice for a folder and for a hub id
+        return Check(name, False, f"no such folder ({Path(guidance).resolve()}), and no hub ControlNet of that name "
+                                  "in the local Hugging Face cache (generate would stop with exit code 3)",
+                     error.fix or "")
+    if source.kind in ("folder", "pipeline"):
+        return Check(name, True, f"local folder: {source.describe()}")
+    return Check(name, True, source.describe())
+
+
+def check_inception() -> Check:
+    from handsynth.evaluate.inception import INCEPTION_FILE, find_weights, weights_hint
+
+    found = find_weights(None)
+    if found is None:
+        return Check("Inception weights (evaluate: FID/KID)", False, f"{INCEPTION_FILE} is not in torch hub's cache",
+                     weights_hint(), required=False)
+    return Check("Inception weights (evaluate: FID/KID)", True, str(found))
+
+
+def check_hand_model() -> Check:
+    from handsynth.evaluate.landmarker import build_hint, find_hand_model, mediapipe_version
+
+    name = "hand model (evaluate: hand confidence, keypoint errors)"
+    if mediapipe_version() is None:
+        return Check(name, False, "mediapipe is not installed", "pip install 'handsynth[eval]'", required=False)
+    found = find_hand_model(None)
+    if found is None:
+        return Check(name, False, "no hand_landmarker.task built yet", build_hint(), required=False)
+    return Check(name, True, f"{found} (mediapipe {mediapipe_version()})")
+
+
 def check_disk(path: Path, need_gib: float = 5.0) -> Check:
     path = path if path.exists() else Path.cwd()
     free = shutil.disk_usage(path).free / 2**30
@@ -109,12 +160,23 @@ def doctor(
     mano_dir: Annotated[Optional[Path], typer.Option(help="Folder with MANO_RIGHT.pkl/MANO_LEFT.pkl "
                                                      "(default: $HANDSYNTH_MANO_DIR).")] = None,
     model: Annotated[str, typer.Option(help="Base Stable Diffusion 1.5 model id or folder.")] = DEFAULT_BASE_MODEL,
+    guidance: Annotated[str, typer.Option(
+        help="Guidance module: converted AttentionHand folder, ControlNet folder or hub id, original-format "
+             ".safetensors ControlNet file, or none.")] = DEFAULT_GUIDANCE,
+    recipe: Annotated[Optional[Path], typer.Option(
+        help="Check the base model and guidance this recipe names (instead of --model / --guidance).")] = None,
     out: Annotated[Path, typer.Option(help="Where outputs will go (for the disk check).")] = Path("."),
 ) -> None:
-    """Check the renderer, MANO files, GPU, model files and disk space, and say how to fix what is missing."""
+    """Check the renderer, MANO files, GPU, base model, guidance module, evaluation models and disk space; say how
+    to fix what is missing."""
+    if recipe is not None:
+        from handsynth.prompts.recipe import load_recipe
+
+        loaded = load_recipe(recipe)
+        model, guidance = loaded.model.base, loaded.model.guidance
     checks: list[Callable[[], Check]] = [
         check_renderer, lambda: check_mano(mano_dir), check_gpu, lambda: check_model(model),
-        lambda: check_disk(out),
+        lambda: check_guidance(guidance), check_inception, check_hand_model, lambda: check_disk(out),
     ]
     failed = 0
     for make in checks:

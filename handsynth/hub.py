@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 # The Stable Diffusion 1.5 weights AttentionHand builds on (recipes' model.base default).
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_GUIDANCE = "models/attentionhand"          # where `handsynth convert` writes by default
 
 
 def looks_like_path(model: str) -> bool:

@@ -82,8 +82,11 @@ def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
     for local_only in attempts:
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(model), local_files_only=local_only, **kwargs)
-        except (OSError, ValueError) as exc:
-            problem = f"cannot load the CLIP tokenizer of '{model}': {str(exc).splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - corrupt files fail inside the tokenizers library with a bare Exception
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problem = f"cannot load the CLIP tokenizer of '{model}': {reason}"
+            if path.exists():
+                problem += " (its vocab.json / merges.txt are damaged or not a CLIP tokenizer's)"
             continue
         if len(tokenizer) == CLIP_VOCAB_SIZE:
             tokenizer.model_max_length = CLIP_MAX_LENGTH
@@ -93,6 +96,9 @@ def load_clip_tokenizer(model: str | Path, subfolder: str | None = "tokenizer"):
     if attempts == [True] and not path.exists():
         problem = (f"the tokenizer of '{model}' is not in the Hugging Face cache and the hub cannot be reached "
                    "(no network, or HF_HUB_OFFLINE=1)")
+    if path.exists():
+        fix = ("copy the model's tokenizer/ folder (vocab.json, merges.txt) again, or pass another folder; "
+               + offline)
     raise MissingResourceError(problem, where=model, fix=fix)
 
 

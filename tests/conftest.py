@@ -14,5 +14,6 @@ pytest_plugins = sorted(
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-AUGMENT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "augment.yaml"
-SHIPPED_RECIPES = sorted(p for p in AUGMENT_RECIPE.parent.glob("*.yaml") if p != AUGMENT_RECIPE)  # generation
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "handsynth" / "recipes"
+AUGMENT_RECIPE = RECIPES_DIR / "augment.yaml"
+SHIPPED_RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml") if p != AUGMENT_RECIPE)  # generation recipes

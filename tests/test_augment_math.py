@@ -225,4 +225,4 @@ def test_bad_recipes_name_file_field_and_line(tmp_path: Path, text, field, line,
         load_augment_recipe(path)
     message = info.value.message
     assert str(path) in message and f"field {field}" in message and f"line {line}" in message, message
-    assert words in message and ("recipes/augment.yaml" in message or "did you mean" in message), message
+    assert words in message and ("handsynth recipes copy augment" in message or "did you mean" in message), message

@@ -19,65 +19,16 @@ import torch
 from handsynth.cli import main
 from handsynth.errors import InputError, OutputError
 from tests.fixtures.diffusion import get_dummy_components
+from tests.fixtures.ldm_layout import encoder_key, resnet_key, public_controlnet
 
-# --- the public (ldm / original ControlNet) layout, built independently -------------------------
-
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def _resnet(rest: str) -> str:
-    layer, param = rest.split(".", 1)
-    return f"{_RESNET[layer]}.{param}"
-
-
-def _encoder_key(key: str, lpb: int) -> str | None:
-    """Keys shared by the UNet encoder and the ControlNet: time embedding, conv_in, down and mid blocks."""
-    if m := re.match(r"time_embedding\.linear_([12])\.(.+)", key):
-        return f"time_embed.{0 if m[1] == '1' else 2}.{m[2]}"
-    if m := re.match(r"conv_in\.(.+)", key):
-        return f"input_blocks.0.0.{m[1]}"
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        idx = 1 + int(m[1]) * (lpb + 1) + int(m[3])
-        return f"input_blocks.{idx}.0.{_resnet(m[4])}" if m[2] == "resnets" else f"input_blocks.{idx}.1.{m[4]}"
-    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{(int(m[1]) + 1) * (lpb + 1)}.0.op.{m[2]}"
-    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    return None
-
-
-def public_controlnet(model) -> dict[str, torch.Tensor]:
-    """A diffusers ControlNetModel's weights as the public checkpoint stores them (under ``VAS.``)."""
-    lpb = model.config.layers_per_block
-    n_emb = len(model.controlnet_cond_embedding.blocks)
-    out = {}
-    for key, value in model.state_dict().items():
-        name = _encoder_key(key, lpb)
-        if name is None:
-            if m := re.match(r"controlnet_cond_embedding\.conv_in\.(.+)", key):
-                name = f"input_hint_block.0.{m[1]}"
-            elif m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", key):
-                name = f"input_hint_block.{2 * int(m[1]) + 2}.{m[2]}"
-            elif m := re.match(r"controlnet_cond_embedding\.conv_out\.(.+)", key):
-                name = f"input_hint_block.{2 * n_emb + 2}.{m[1]}"
-            elif m := re.match(r"controlnet_down_blocks\.(\d+)\.(.+)", key):
-                name = f"zero_convs.{m[1]}.0.{m[2]}"
-            elif m := re.match(r"controlnet_mid_block\.(.+)", key):
-                name = f"middle_block_out.0.{m[1]}"
-        assert name is not None, key
-        out["VAS." + name] = value.clone()
-    return out
-
+# --- the public (ldm) layout of the SD parts, built independently (ControlNet: tests/fixtures/ldm_layout.py)
 
 def public_unet(model) -> dict[str, torch.Tensor]:
     lpb = model.config.layers_per_block
     has_attn = {int(k.split(".")[1]) for k in model.state_dict() if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     out = {}
     for key, value in model.state_dict().items():
-        name = _encoder_key(key, lpb)
+        name = encoder_key(key, lpb)
         if name is None:
             if m := re.match(r"conv_norm_out\.(.+)", key):
                 name = f"out.0.{m[1]}"
@@ -85,7 +36,7 @@ def public_unet(model) -> dict[str, torch.Tensor]:
                 name = f"out.2.{m[1]}"
             elif m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
                 idx = int(m[1]) * (lpb + 1) + int(m[3])
-                name = (f"output_blocks.{idx}.0.{_resnet(m[4])}" if m[2] == "resnets"
+                name = (f"output_blocks.{idx}.0.{resnet_key(m[4])}" if m[2] == "resnets"
                         else f"output_blocks.{idx}.1.{m[4]}")
             elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
                 block = int(m[1])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import pickletools
 import shutil
 import tarfile
 from pathlib import Path
@@ -10,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from handsynth.cli import main
-from handsynth.export.hamer import HAMER_FIELDS, load_pyd
+from handsynth.export.hamer import HAMER_FIELDS, HAMER_MARGIN, encode_pyd, load_pyd
 from handsynth.export.webdataset import TAR_MTIME, export_run
+from handsynth.generate.frame import frame_of, resample, resize_map
 from tests.fixtures.export import make_generate_run
+from tests.test_frame import covered, inside
 
 # HaMeR's mano_wrapper order: MANO joints (16) + fingertips -> OpenPose 21.
 MANO_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
@@ -57,19 +63,30 @@ def test_round_trip_labels_and_images_equal_the_sources(gen_run, small_render_ru
             "jpg", "json", "mesh.png", "local_mesh.png", "local.jpg"}
         assert sample["jpg"] == (gen_run / "images" / f"{key}.jpg").read_bytes()
         assert sample["local.jpg"] == (gen_run / "local" / f"{key}.jpg").read_bytes()
-        assert sample["mesh.png"] == (small_render_run / "global" / f"{frame}.png").read_bytes()
-        assert sample["local_mesh.png"] == (small_render_run / "local" / f"{frame}.png").read_bytes()
         label = json.loads(sample["json"])
         generation = label.pop("generation")
+        image, local = label.pop("image"), label.pop("local_image")
+        assert (image, local) == (record["image"], record["local_image"])          # copied, not recomputed
         assert label == json.loads((small_render_run / "labels" / f"{frame}.json").read_text())
+        # the mesh images come in the frames of the images they conditioned, covering the in-frame joints
+        for member, block, source in (("mesh.png", image, small_render_run / "global" / f"{frame}.png"),
+                                      ("local_mesh.png", local, small_render_run / "local" / f"{frame}.png")):
+            mesh = np.asarray(Image.open(io.BytesIO(sample[member])).convert("RGB"))
+            assert mesh.shape == (block["size"][1], block["size"][0], 3)
+            frame_map = frame_of(block) if member == "mesh.png" else resize_map(Image.open(source).size, block["size"])
+            np.testing.assert_array_equal(mesh, np.asarray(resample(Image.open(source).convert("RGB"), frame_map)))
+            for hand in block["hands"]:
+                joints = np.asarray(hand["joints_2d"])
+                assert covered(mesh, joints[inside(joints, block["size"])])
         img = label["original"]["image"]
         assert img in src["data"]["images"]
         assert label["original"]["annotations"] == [a for a in src["data"]["annotations"] if a["image_id"] == img["id"]]
         assert label["original"]["mano"] == src["MANO_NeuralAnnot"][str(img["capture"])][str(img["frame_idx"])]
         assert label["joint_order"] == "openpose21" and label["units"]["length"] == "metres"
-        assert {k: generation[k] for k in record} == record
+        assert {k: generation[k] for k in record if k not in ("image", "local_image")} == {
+            k: v for k, v in record.items() if k not in ("image", "local_image")}
+        assert "image" not in generation and "image_size" not in generation
         assert generation["recipe_sha256"] == "ab" * 32 and generation["model"]["base"] == "tiny-sd"
-        assert generation["image_size"] == [64, 48]
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
     assert index["status"] == "complete" and index["samples"] == 7
     assert [e["count"] for e in index["shards"]] == [3, 3, 1]
@@ -82,8 +99,8 @@ def test_webdataset_decodes_the_fields(gen_run, tmp_path):
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
     assert len(samples) == 7
     for s in samples:
-        assert s["jpg"].shape == (48, 64, 3) and s["local.jpg"].shape == (32, 32, 3)
-        assert s["mesh.png"].shape[:2] == tuple(s["json"]["image_size"][::-1])
+        assert s["jpg"].shape == s["mesh.png"].shape == (64, 64, 3) and s["local.jpg"].shape == (64, 64, 3)
+        assert s["json"]["image"]["size"] == s["json"]["local_image"]["size"] == [64, 64]
         assert s["json"]["generation"]["key"] == s["__key__"] and s["json"]["hands"]
 
 
@@ -153,44 +170,112 @@ def _lbs_joints(arrays: dict, pose: np.ndarray, betas: np.ndarray) -> np.ndarray
     return torch.cat([joints[0], tips])[MANO_TO_OPENPOSE].numpy()
 
 
-def test_hamer_layout_fields_shapes_and_geometry(tmp_path, small_render_run, mano_dir):
+@pytest.mark.parametrize("fit", ["crop", "native"])
+def test_hamer_layout_fields_shapes_and_geometry(fit, tmp_path, small_render_run, mano_dir):
     from handsynth.hand_model import load_mano_arrays, resolve_mano_dir
 
-    run = make_generate_run(tmp_path / "gen-h", small_render_run, 4, ext="png", size=(96, 80), local=False)
+    run = make_generate_run(tmp_path / "gen-h", small_render_run, 4, ext="png", size=96, fit=fit)
     export_run(run, tmp_path / "h", shard_size=10, layout="hamer")
     samples = _raw(tmp_path / "h" / "gen-h-000000.tar")
-    assert len(samples) == 4
+    assert [s["__key__"] for s in samples] == [k for r in _records(run) for k in (r["key"], r["key"] + "-local")]
     arrays = {side: load_mano_arrays(resolve_mano_dir(mano_dir), side) for side in ("right", "left")}
     for sample in samples:
         assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"png", "data.pyd", "json"}
         label = json.loads(sample["json"])
+        block = label["local_image" if sample["__key__"].endswith("-local") else "image"]
+        assert list(Image.open(io.BytesIO(sample["png"])).size) == block["size"]
         hands = load_pyd(sample["data.pyd"])
-        assert len(hands) == len(label["hands"]) > 0
-        W, H = label["image_size"]
-        sx, sy = 96 / W, 80 / H
-        for hand, src in zip(hands, label["hands"]):
+        kept = [(h, f) for h, f in zip(label["hands"], block["hands"]) if inside(f["joints_2d"], block["size"]).any()]
+        assert len(hands) == len(kept) > 0
+        K = np.asarray(block["K"])
+        for hand, (src, framed) in zip(hands, kept):
             assert set(hand) == set(HAMER_FIELDS)
             shapes = {k: np.shape(v) for k, v in hand.items()}
             assert shapes == {"keypoints_2d": (21, 3), "keypoints_3d": (21, 4), "hand_pose": (48,), "betas": (10,),
                               "has_hand_pose": (), "has_betas": (), "center": (2,), "scale": (2,), "right": ()}
             assert float(hand["right"]) == (1.0 if src["side"] == "right" else 0.0)
-            np.testing.assert_array_equal(hand["keypoints_2d"][:, 2], 1.0)
             np.testing.assert_array_equal(hand["keypoints_3d"][:, 3], 1.0)
-            # box (source pixels, x0 y0 x1 y1) -> generated-image pixels (whole frame resized, centres at integers)
-            x0, y0, x1, y1 = src["box"]
-            gx = lambda u: (u + 0.5) * sx - 0.5  # noqa: E731
-            gy = lambda v: (v + 0.5) * sy - 0.5  # noqa: E731
-            np.testing.assert_allclose(hand["center"], [(gx(x0) + gx(x1)) / 2, (gy(y0) + gy(y1)) / 2], rtol=1e-5)
-            np.testing.assert_allclose(hand["scale"], [(x1 - x0) * sx / 200, (y1 - y0) * sy / 200], rtol=1e-5)
-            # 2D keypoints = the 3D keypoints through the source camera, then mapped to the generated image
-            cam = label["camera"]
+            # 2D keypoints: the 3D keypoints through the image's own K; confidence 0 exactly outside the image
             X = hand["keypoints_3d"][:, :3].astype(np.float64)
-            u = cam["focal"][0] * X[:, 0] / X[:, 2] + cam["princpt"][0]
-            v = cam["focal"][1] * X[:, 1] / X[:, 2] + cam["princpt"][1]
-            np.testing.assert_allclose(hand["keypoints_2d"][:, :2], np.stack([gx(u), gy(v)], 1), atol=2e-3)
+            uv = (X @ K.T)[:, :2] / X[:, 2:]
+            np.testing.assert_allclose(hand["keypoints_2d"][:, :2], uv, atol=0.01)
+            W, H = block["size"]
+            out = (uv[:, 0] < -0.5) | (uv[:, 0] > W - 0.5) | (uv[:, 1] < -0.5) | (uv[:, 1] > H - 0.5)
+            np.testing.assert_array_equal(hand["keypoints_2d"][:, 2], np.where(out, 0.0, 1.0))
+            # the box: centre of the hand's box in this image, a square of HAMER_MARGIN x its longer side
+            x0, y0, x1, y1 = framed["box"]
+            np.testing.assert_allclose(hand["center"], [(x0 + x1) / 2, (y0 + y1) / 2], rtol=1e-6)
+            np.testing.assert_allclose(hand["scale"] * 200, [2.2 * max(x1 - x0, y1 - y0)] * 2, rtol=1e-6)
             # hand_pose as absolute camera-frame rotations reproduces the camera-space joint shape
             joints = _lbs_joints(arrays[src["side"]], hand["hand_pose"].astype(np.float64), hand["betas"])
             np.testing.assert_allclose(joints - joints[0], X - X[0], atol=1e-4)
+    assert HAMER_MARGIN == 2.2
+
+
+def _records(run: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in (run / "samples").glob("*.json")), key=lambda r: r["index"])
+
+
+def test_out_of_image_joints_get_confidence_zero(tmp_path, landscape_render_run, mano_dir):
+    """The landscape set's far-apart hands cannot share one crop square: joints outside get confidence 0,
+    a hand with no joint inside is left out of data.pyd."""
+    run = make_generate_run(tmp_path / "gen-l", landscape_render_run, 3, ext="png", size=64, local=False)
+    export_run(run, tmp_path / "l", shard_size=10, layout="hamer", mano_dir=mano_dir)
+    confidences = [h["keypoints_2d"][:, 2] for s in _raw(tmp_path / "l" / "gen-l-000000.tar")
+                   for h in load_pyd(s["data.pyd"])]
+    assert any((c == 0).any() for c in confidences) and all(c.any() for c in confidences)
+    assert {float(v) for c in confidences for v in c} <= {0.0, 1.0}
+
+
+def test_data_pyd_names_no_numpy_core_module_and_round_trips():
+    hands = [{"keypoints_2d": np.arange(63, dtype=np.float32).reshape(21, 3), "right": np.array(1.0, np.float32),
+              "betas": np.linspace(-1, 1, 10).astype(np.float32), "center": np.array([3.5, -2.0], np.float32)}]
+    data = encode_pyd(hands)
+    assert b"numpy._core" not in data and b"numpy.core" not in data
+    ops = list(pickletools.genops(data))
+    assert {op.name for op, _, _ in ops} & {"GLOBAL", "INST", "OBJ", "NEWOBJ", "BUILD"} == set()
+    strings = [arg for op, arg, _ in ops if op.name in ("SHORT_BINUNICODE", "BINUNICODE")]   # STACK_GLOBAL's names
+    assert {"numpy", "ndarray", "builtins", "bytearray"} <= set(strings)
+    assert not {s for s in strings if s.startswith("numpy") and s != "numpy"}
+    for loaded in (pickle.loads(data), load_pyd(data)):       # plain pickle (what HaMeR runs) and ours
+        assert [sorted(h) for h in loaded] == [sorted(h) for h in hands]
+        for key, value in hands[0].items():
+            got = loaded[0][key]
+            assert type(got) is np.ndarray and got.dtype == value.dtype and got.shape == value.shape
+            np.testing.assert_array_equal(got, value)
+            assert got.flags.writeable                          # HaMeR writes into keypoints_2d in place
+    with pytest.raises(pickle.UnpicklingError):
+        load_pyd(pickle.dumps([print]))
+
+
+def _hamer_crop_holds(center, side, joints, scale, rot_deg, tx, ty) -> bool:
+    """Whether every joint lands inside HaMeR's augmented square crop: side ``scale * side`` about
+    ``center + (tx, ty) * side``, rotated by ``rot_deg`` (written from the augmentation's definition)."""
+    c = np.asarray(center) + np.array([tx, ty]) * side
+    r = np.deg2rad(rot_deg)
+    R = np.array([[np.cos(r), np.sin(r)], [-np.sin(r), np.cos(r)]])
+    local = (np.asarray(joints) - c) @ R.T
+    return bool(np.all(np.abs(local) <= scale * side / 2))
+
+
+def test_hamer_margin_keeps_joints_in_the_augmented_crop(tmp_path, small_render_run, landscape_render_run, mano_dir):
+    """Every draw of HaMeR's default augmentation (scale 0.7..1.3, rotation up to 60 deg, shift up to
+    0.02 of the box) keeps all joints in the crop with the default margin; the tight box does not."""
+    extremes = [(0.7, rot, tx, ty) for rot in range(-60, 61, 5) for tx in (-0.02, 0.02) for ty in (-0.02, 0.02)]
+    lost = {}
+    for margin in (HAMER_MARGIN, 1.0):
+        lost[margin] = 0
+        for name, render in (("real", small_render_run), ("landscape", landscape_render_run)):
+            run = make_generate_run(tmp_path / f"g-{name}-{margin}", render, 3, ext="png", size=128, local=True)
+            export_run(run, tmp_path / f"h-{name}-{margin}", layout="hamer", mano_dir=mano_dir, hamer_margin=margin,
+                       verify=False)
+            for shard in (tmp_path / f"h-{name}-{margin}").glob("*.tar"):
+                for sample in _raw(shard):
+                    for hand in load_pyd(sample["data.pyd"]):
+                        joints = hand["keypoints_2d"][:, :2]
+                        lost[margin] += sum(not _hamer_crop_holds(hand["center"], hand["scale"].max() * 200, joints, *e)
+                                            for e in extremes)
+    assert lost[HAMER_MARGIN] == 0 and lost[1.0] > 0
 
 
 def test_verify_only_detects_a_damaged_shard(gen_run, tmp_path, capsys):

@@ -113,3 +113,30 @@ def test_newest_run_picks_the_latest_manifest_of_a_stage(tmp_path):
     assert newest_run("render", tmp_path) == tmp_path / "b"
     assert newest_run("generate", tmp_path) == tmp_path / "c"
     assert newest_run("export", tmp_path) is None
+
+
+def test_library_warnings_do_not_reach_the_user(tmp_path, monkeypatch, capsys):
+    """A deprecation warning raised inside a library (here a stand-in module 'somelib') is not printed by a
+    handsynth command, whatever the warning filters were; --debug shows it."""
+    import warnings
+
+    import handsynth.prompts.recipe as recipe_module
+
+    library: dict = {"__name__": "somelib"}
+    exec(compile("import warnings\ndef old_api():\n    warnings.warn('old_api is deprecated', FutureWarning)\n",
+                 "somelib.py", "exec"), library)
+    load = recipe_module.load_recipe
+
+    def load_with_library_warning(path):
+        library["old_api"]()
+        return load(path)
+
+    monkeypatch.setattr(recipe_module, "load_recipe", load_with_library_warning)
+    monkeypatch.chdir(tmp_path)
+    argv = ["prompts", "--recipe", "outdoor", "--count", "1", "--no-tokens", "--hands", "right"]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")        # as PYTHONWARNINGS=default or a test runner would set them
+        assert main(argv) == 0
+        assert [str(w.message) for w in shown] == []
+        assert main(["--debug", *argv]) == 0
+        assert [str(w.message) for w in shown] == ["old_api is deprecated"]

@@ -305,7 +305,88 @@ def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny
     assert code == 0, text
     assert "using default --run = newest render run under runs/: runs/new" in text
     assert "using default --out = runs/outdoor-gen" in text and "using default --batch-size = 2" in text
-    assert "using recipe defaults: sampler.scheduler='ddim', sampler.guidance_scale=" in text
+    assert "using recipe defaults: " in text and "sampler.scheduler='ddim', sampler.guidance_scale=" in text
     manifest = json.loads((tmp_path / "runs" / "outdoor-gen" / "manifest.json").read_text())
     assert manifest["inputs"]["run"] == str((tmp_path / "runs" / "new").resolve())
     assert len(list((tmp_path / "runs" / "outdoor-gen" / "images").glob("*.png"))) == 1
+
+
+def test_prompts_previews_exactly_the_prompts_generate_used(reference, small_render_run, capsys, monkeypatch,
+                                                            tmp_path, clip_tokenizer_dir):
+    from handsynth.prompts.templates import HAND_CONFIGS
+
+    monkeypatch.chdir(tmp_path)                    # no ./runs here: the recipe's inputs, then --run, decide
+    generated = {}
+    for path in (reference["out"] / "samples").glob("*.json"):
+        record = json.loads(path.read_text())
+        generated[record["index"]] = record
+    assert sorted(generated) == list(range(reference["count"]))
+    for extra in ([], ["--run", str(small_render_run)]):
+        assert main(["prompts", "--recipe", str(reference["recipe"]), "--count", str(reference["count"]), "--json",
+                     "--tokenizer", str(clip_tokenizer_dir), *extra]) == 0
+        previews = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [p["index"] for p in previews] == sorted(generated)
+        for p in previews:
+            g = generated[p["index"]]
+            assert (p["text"], p["hands"], p["hand_words"], p["token_indices"]) == (
+                g["prompt"], g["hands"], g["hand_words"], g["hand_token_indices"])
+    # the frames' real configurations are not the right/left/both cycle an index-only preview would show
+    assert [generated[i]["hands"] for i in sorted(generated)] != [HAND_CONFIGS[i % 3] for i in sorted(generated)]
+
+
+def test_a_huge_count_starts_at_once(tmp_path, capsys, monkeypatch, tiny_sd_dir, tiny_guidance_dir,
+                                     small_render_run):
+    """`--count 10**12` looks at the samples batch by batch: the first batch is generated after a few
+    completeness checks, not after 10**12 of them (stopped here by an interrupt after that batch)."""
+    from handsynth.generate import runner
+
+    checks = []
+    is_complete = runner.is_complete
+
+    def counting(*args, **kwargs):
+        checks.append(1)
+        if len(checks) > 1000:
+            raise AssertionError("checked 1000 samples before generating any")
+        return is_complete(*args, **kwargs)
+
+    generate = runner.Runner.generate
+
+    def first_batch_then_interrupt(self, specs, *args, **kwargs):
+        generate(self, specs, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "is_complete", counting)
+    monkeypatch.setattr(runner.Runner, "generate", first_batch_then_interrupt)
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {small_render_run}\n")
+    code, text = gen(capsys, recipe, "--count", str(10**12), "--out", str(tmp_path / "out"))
+    assert code == 130, text
+    assert len(checks) == 2 and len(list((tmp_path / "out" / "samples").glob("*.json"))) == 2   # batch_size 2
+
+
+@pytest.mark.parametrize("fit", ["native", "crop"])
+def test_fit_decides_each_generated_frame(fit, tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, small_render_run,
+                                          landscape_render_run):
+    """On the real excerpt (334x512 and 512x334) and the synthetic landscape set (640x360): every image
+    has the size its recorded block says (crop: image.size square; native: long side image.size, the
+    frame's aspect), and the block is the frame module's for that label (TAS runs on non-square latents)."""
+    from handsynth.generate.frame import sample_frames
+
+    for name, render in (("real", small_render_run), ("land", landscape_render_run)):
+        recipe = write_gen_recipe(tmp_path / name, tiny_sd_dir, tiny_guidance_dir,
+                                  extra=f"inputs:\n  run: {render}\n", name="fit.yaml")
+        recipe.write_text(recipe.read_text().replace("  size: 64\n", f"  size: 64\n  fit: {fit}\n"))
+        out = tmp_path / name / "out"
+        code, text = gen(capsys, recipe, "--out", str(out))
+        assert code == 0, text
+        for label in frames_of(render):
+            sample = json.loads((out / "samples" / f"{sample_key(label['key'], 0)}.json").read_text())
+            frames = sample_frames(label, fit, 64, label["image_size"], local=True)
+            assert sample["image"] == frames.image_block and sample["local_image"] == frames.local_block
+            W, H = label["image_size"]
+            size = Image.open(out / sample["outputs"]["image"]).size
+            assert list(size) == sample["image"]["size"]
+            if fit == "crop":
+                assert size == (64, 64)
+            else:
+                assert max(size) == 64 and (size[0] > size[1]) == (W > H) and abs(size[0] / size[1] - W / H) < 0.25
+            assert Image.open(out / sample["outputs"]["local"]).size == (64, 64)

@@ -317,3 +317,45 @@ def test_fixture_hands_land_on_the_real_hands(interhand_set, mano_dir):
             u = frame.camera.focal[0] * cam[:, 0] / cam[:, 2] + frame.camera.princpt[0]
             v = frame.camera.focal[1] * cam[:, 1] / cam[:, 2] + frame.camera.princpt[1]
             assert np.mean((u >= x) & (u <= x + w) & (v >= y) & (v <= y + h)) > 0.5
+
+
+def design_card_set(folder: Path) -> Path:
+    """The set named as the design card's ``--labels interhand.json``: interhand.json + interhand_<kind>.json."""
+    data = build_interhand_set(folder, prefix="interhand")
+    return data.rename(folder / "interhand.json")
+
+
+@pytest.mark.parametrize("named", ["interhand.json", "interhand_camera.json", "interhand_MANO_NeuralAnnot.json",
+                                   "interhand_joint_3d.json"])
+def test_a_data_file_x_json_finds_x_camera_and_the_others(tmp_path, named):
+    design_card_set(tmp_path)
+    labels = read_labels(tmp_path / named)
+    assert [f.key for f in labels.frames] == EXPECTED_KEYS
+    assert sorted(p.name for p in labels.sources) == sorted(
+        ["interhand.json"] + [f"interhand_{k}.json" for k in KINDS[1:]])
+    reference = read_labels(build_interhand_set(tmp_path / "reference"))
+    assert [f.original for f in labels.frames] == [f.original for f in reference.frames]
+
+
+def test_explicit_files_serve_any_other_naming(tmp_path):
+    data = design_card_set(tmp_path)
+    renamed = {"camera": tmp_path / "cams.json", "mano": tmp_path / "fits" / "neuralannot.json",
+               "joint_3d": tmp_path / "j3d.json"}
+    renamed["mano"].parent.mkdir()
+    for role, kind in (("camera", "camera"), ("mano", "MANO_NeuralAnnot"), ("joint_3d", "joint_3d")):
+        (tmp_path / f"interhand_{kind}.json").rename(renamed[role])
+    with pytest.raises(InputError, match="--camera FILE"):
+        read_labels(data)
+    labels = read_labels(data, companions=renamed)
+    assert [f.key for f in labels.frames] == EXPECTED_KEYS
+    assert set(labels.sources) == {data, *renamed.values()}
+    assert "joint_3d" in labels.frames[0].original
+    # the wrong file for an option, a missing one, and the options with another format are clear errors
+    with pytest.raises(InputError, match="--camera holds InterHand2.6M joint_3d records"):
+        read_labels(data, companions={**renamed, "camera": renamed["joint_3d"]})
+    with pytest.raises(InputError, match="--mano-params does not exist"):
+        read_labels(data, companions={**renamed, "mano": tmp_path / "nope.json"})
+    jsonl = tmp_path / "frames.jsonl"
+    jsonl.write_text(json.dumps({"id": 1, "hands": []}) + "\n" + json.dumps({"id": 2, "hands": []}) + "\n")
+    with pytest.raises(InputError, match="only apply to InterHand2.6M"):
+        read_labels(jsonl, companions={"camera": renamed["camera"]})

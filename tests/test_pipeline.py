@@ -159,7 +159,10 @@ def test_missing_model_folder_says_how_to_provide_it(tiny_sd_dir, tmp_path, whic
         load_pipeline(missing if which == "base" else tiny_sd_dir, missing if which == "guidance" else None)
     msg = err.value.message
     assert str(missing) in msg and "does not exist" in msg
-    assert "huggingface-cli download" in msg and "HF_HUB_OFFLINE=1" in msg and "~/.cache/huggingface" in msg
+    if which == "base":
+        assert "huggingface-cli download" in msg and "HF_HUB_OFFLINE=1" in msg and "~/.cache/huggingface" in msg
+    else:   # a missing guidance folder gets advice about that folder, not a hub download of its path
+        assert "handsynth convert --ckpt attentionhand.ckpt" in msg and "huggingface-cli download" not in msg
 
 
 def test_missing_hub_id_names_the_download_command():
@@ -174,8 +177,10 @@ def test_benchmark_tiny_mode_prints_parsable_figures(capsys):
     spec = importlib.util.spec_from_file_location("handsynth_benchmark_generate", script)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
-    assert benchmark.main(["--device", "cpu", "--tiny", "--batch-sizes", "1", "2"]) == 0
+    assert benchmark.main(["--device", "cpu", "--tiny", "--batch-sizes", "1", "2", "--steps", "2", "--tas-steps", "1",
+                           "--repeats", "1", "--size", "40x64"]) == 0
     stdout = capsys.readouterr().out
+    assert "size=40x64" in stdout                          # a non-square frame, as image.fit native makes
     rows = re.findall(r"^batch=(\d+) tas_off_images_per_s=([\d.]+) tas_on_images_per_s=([\d.]+) "
                       r"tas_time_share=(-?[\d.]+)$", stdout, re.M)
     assert [int(r[0]) for r in rows] == [1, 2], stdout
@@ -183,3 +188,9 @@ def test_benchmark_tiny_mode_prints_parsable_figures(capsys):
         off, on, share = float(off), float(on), float(share)
         assert off > 0 and on > 0 and share < 1  # (a busy CPU may even show TAS-on faster)
         assert share == pytest.approx(1 - on / off, abs=2e-3)
+    # the last line: TAS-on over TAS-off time of all batch sizes together (one repeat: total over total)
+    assert stdout.rstrip().splitlines()[-1].startswith("tas_ratio: ")
+    ratio = float(stdout.rstrip().splitlines()[-1].split()[1])
+    off_time = sum(int(b) / float(off) for b, off, _, _ in rows)
+    on_time = sum(int(b) / float(on) for b, _, on, _ in rows)
+    assert ratio == pytest.approx(on_time / off_time, rel=2e-3)

@@ -129,7 +129,8 @@ def test_shipped_recipes_give_hand_tokens_for_every_configuration(path, clip_tok
             assert set(lexicon_spans(p.text)) <= set(p.hand_spans), p.text
 
 
-def test_cli_json_output(weighted, capsys, clip_tokenizer_dir, clip_tokenizer):
+def test_cli_json_output(weighted, capsys, monkeypatch, tmp_path, clip_tokenizer_dir, clip_tokenizer):
+    monkeypatch.chdir(tmp_path)        # no render run here: right/left/both cycle by index
     tokenizer = clip_tokenizer
     code = main(["prompts", "--recipe", str(weighted), "--count", "5", "--start", "7", "--json",
                  "--tokenizer", str(clip_tokenizer_dir)])
@@ -152,7 +153,8 @@ def test_cli_stats(weighted, capsys):
     assert "62.500%" in out  # expected share of "a child" (5 of 8)
 
 
-def test_cli_highlights_hand_words(weighted, capsys, clip_tokenizer_dir):
+def test_cli_highlights_hand_words(weighted, capsys, monkeypatch, tmp_path, clip_tokenizer_dir):
+    monkeypatch.chdir(tmp_path)        # no render run here: right/left/both cycle by index
     assert main(["prompts", "--recipe", str(weighted), "--count", "3", "--tokenizer", str(clip_tokenizer_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0].lstrip().startswith("0  right") and lines[2].lstrip().startswith("2  both")
@@ -165,9 +167,11 @@ def test_cli_modalities_recipe_uses_its_prompts(tmp_path, capsys, clip_tokenizer
         inputs:
           modalities: {sample}
     """))
-    assert main(["prompts", "--recipe", str(recipe), "--count", "10", "--json",
+    assert main(["prompts", "--recipe", str(recipe), "--count", "4", "--json",
                  "--tokenizer", str(clip_tokenizer_dir)]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[3]["text"] == records[0]["text"]         # sample 3 is entry 0's second variant, as in generate
+    records = records[:3]
     assert [r["text"] for r in records] == [
         "The woman is holding a pink umbrella with her hand.",
         "The person is holding a knife above the cake.",
@@ -189,3 +193,48 @@ def test_cli_offline_tokenizer_error(weighted, capsys, monkeypatch):
     code = main(["prompts", "--recipe", str(weighted), "--count", "1", "--tokenizer", "no-such-org/no-such-model"])
     err = " ".join(capsys.readouterr().err.split())
     assert code != 0 and "--tokenizer" in err and "--no-tokens" in err and "Traceback" not in err
+
+
+def test_cli_streams_its_output(weighted, monkeypatch, tmp_path):
+    """A million prompts are written as they are made: when the reader stops after three lines (a closed
+    pipe), only about three prompts were ever sampled, and the command ends quietly (click's exit code 1 for
+    a closed pipe)."""
+    monkeypatch.chdir(tmp_path)
+    sampled = []
+    original = PromptSampler.__call__
+
+    def counting(self, index, hands):
+        sampled.append(index)
+        if len(sampled) > 100:
+            raise AssertionError("sampled 100 prompts before writing any: the output is held back")
+        return original(self, index, hands)
+
+    class Reader:       # stdout of `handsynth prompts ... | head -3`
+        lines: list[str] = []
+
+        def write(self, text):
+            if len(self.lines) == 3:
+                raise BrokenPipeError(32, "Broken pipe")
+            self.lines.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(PromptSampler, "__call__", counting)
+    reader = Reader()
+    monkeypatch.setattr("sys.stdout", reader)
+    code = main(["prompts", "--recipe", str(weighted), "--count", "1000000", "--json", "--no-tokens"])
+    assert code == 1 and len(reader.lines) == 3 and sampled == [0, 1, 2, 3]
+    assert [json.loads(line)["index"] for line in reader.lines] == [0, 1, 2]
+
+
+def test_cli_corrupt_tokenizer_folder_is_a_clear_error(weighted, capsys, tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.json").write_text("not json at all")
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    code = main(["prompts", "--recipe", str(weighted), "--count", "1", "--hands", "right", "--tokenizer", str(folder)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 3 and f"cannot load the CLIP tokenizer of '{folder}'" in err and "damaged" in err
+    assert "Traceback" not in err and "huggingface-cli download " + str(folder) not in err

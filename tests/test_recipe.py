@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import textwrap
 from pathlib import Path
 
@@ -72,6 +74,26 @@ def test_modalities_inputs_need_no_prompts(tmp_path):
     sample = SHARED / "samples" / "attentionhand-official" / "modalities.json"
     r = load_recipe(write(tmp_path, f"inputs: {{modalities: {sample}}}\n"))
     assert r.prompts is None and r.inputs.modalities == sample and r.inputs.root is None
+
+
+def test_model_paths_beside_the_recipe_then_in_the_working_directory(tmp_path, monkeypatch):
+    work, cfg = tmp_path / "work", tmp_path / "cfg"
+    (work / "models" / "attentionhand").mkdir(parents=True)
+    (work / "models" / "depth.safetensors").write_bytes(b"")
+    (cfg / "models" / "sd15").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    model = "model:\n  base: models/sd15\n  guidance: {}\n  condition: depth\n"
+    r = load_recipe(write(cfg, MINIMAL + model.format("models/attentionhand")))
+    assert r.model.base == str((cfg / "models" / "sd15").resolve())                 # beside the recipe
+    assert r.model.guidance == str((work / "models" / "attentionhand").resolve())   # else the working directory
+    assert r.model.condition == "depth"
+    r = load_recipe(write(cfg, MINIMAL + model.format("models/depth.safetensors")))
+    assert r.model.guidance == str((work / "models" / "depth.safetensors").resolve())
+    (cfg / "models" / "attentionhand").mkdir()
+    r = load_recipe(write(cfg, MINIMAL + model.format("models/attentionhand")))
+    assert r.model.guidance == str((cfg / "models" / "attentionhand").resolve())    # the recipe's folder first
+    for written in ("none", "lllyasviel/control_v11f1p_sd15_depth", "models/not-here"):
+        assert load_recipe(write(cfg, MINIMAL + model.format(written))).model.guidance == written
 
 
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
@@ -188,3 +210,82 @@ def test_tas_resolution_checked_with_the_models_vae_factor(tmp_path, capsys, tin
     assert "does not divide the latent size 36" in text and "VAE factor 2" in text and "set tas.attention_res to 9" \
         in text
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _bomb(levels: int) -> str:
+    """A 'billion laughs' recipe: each level lists the previous one ten times (10**levels strings)."""
+    lines = ['l0: &l0 ["ha"]']
+    lines += [f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * 10)}]" for k in range(1, levels + 1)]
+    return "\n".join(lines) + "\n" + MINIMAL
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Raise TimeoutError in this thread after ``seconds`` (a hang becomes a test failure, not a stuck run)."""
+    def stop(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    path = write(tmp_path, _bomb(10))
+    assert len(path.read_bytes()) < 1000
+    with time_limit(30):
+        code, out = run_prompts(path, capsys)
+    assert code == 2 and "expands to more than 100,000 values" in out and str(path) in out
+    assert "Traceback" not in out
+
+
+def test_aliases_within_the_budget_still_work(tmp_path):
+    text = MINIMAL.replace("person: [a woman, a man]", "person: &people [a woman, a man]") + "    who: *people\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert [v.text for v in recipe.prompts.slots["who"].values] == ["a woman", "a man"]
+    with pytest.raises(InputError, match="unknown key 'l0'"):       # 1,000 strings: read, then validated
+        load_recipe(write(tmp_path, _bomb(3), "small.yaml"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("seed: &a [*a]\n", "refers to the anchor (&name) of a node that contains it"),
+    ("seed: " + "[" * 5000 + "]" * 5000 + "\n", "nests too deeply"),
+])
+def test_recursive_and_runaway_yaml_are_input_errors(tmp_path, capsys, text, expected):
+    code, out = run_prompts(write(tmp_path, text), capsys)
+    assert code == 2 and expected in out and "Traceback" not in out
+
+
+def test_tas_resolution_that_no_layer_of_the_model_has_is_an_input_error(tmp_path, capsys, tiny_sd_dir,
+                                                                           tiny_guidance_dir):
+    """8 divides the tiny model's 32x32 latent, but its cross-attention maps are 32x32 and 16x16 only: the
+    run stops before any output instead of failing inside TAS."""
+    modalities = SHARED / "samples" / "attentionhand-official" / "modalities.json"
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, prompts="",
+                              extra=f"inputs:\n  modalities: {modalities}\n")
+    recipe.write_text(recipe.read_text().replace("attention_res: 16", "attention_res: 8"))
+    code, text = main_generate(capsys, recipe, "--out", str(tmp_path / "out"))
+    assert code == 2 and "no cross-attention layer with 8x8 maps at image.size 64" in text, text
+    assert f"{recipe}, field tas.attention_res, line 10" in text and "set tas.attention_res to one of 16, 32" in text
+    assert "Traceback" not in text and not (tmp_path / "out").exists()
+
+
+def test_cross_attention_resolutions_match_the_layers_a_forward_pass_runs(tiny_sd_dir):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from handsynth.attentionhand.tas import cross_attention_resolutions
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out: seen.add(int(args[0].shape[1] ** 0.5)),
+                                     with_kwargs=True)
+             for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 24, 24), 1, encoder_hidden_states=torch.zeros(1, 77, 32))
+    for h in hooks:
+        h.remove()
+    assert cross_attention_resolutions(unet, 24) == sorted(seen) == [12, 24]

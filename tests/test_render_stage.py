@@ -369,12 +369,37 @@ def test_render_help_explains_the_command(capsys):
     assert "HANDSYNTH_MANO_DIR" in out
 
 
-def test_depth_style_run(edge_cases, tmp_path, mano_dir):
-    out = tmp_path / "run"
-    render_run(edge_cases, out, mano_dir=mano_dir, style="depth", limit=1)
-    image = np.asarray(Image.open(out / "global" / "ok.png"))
-    assert (image[..., 0] == image[..., 1]).all() and image.max() == 255 and 0 < image[image > 0].min() < 100
-    assert json.loads((out / "manifest.json").read_text())["settings"]["style"] == "depth"
+def test_mesh_and_depth_in_one_pass_share_one_set_of_labels(ih_run, tmp_path, mano_dir):
+    labels, mesh_run, _ = ih_run
+    out = tmp_path / "both"
+    render_run(labels, out, mano_dir=mano_dir, style="depth,mesh", limit=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["style"] == "mesh,depth" and "inverse depth" in manifest["depth_images"]
+    for key in KEYS[:2]:
+        label = json.loads((out / "labels" / f"{key}.json").read_text())
+        assert label["images"] == {"global": f"global/{key}.png", "local": f"local/{key}.png",
+                                   "depth_global": f"depth_global/{key}.png", "depth_local": f"depth_local/{key}.png",
+                                   "rgb_local": f"rgb_local/{key}.jpg"}
+        mesh_label = json.loads((mesh_run / "labels" / f"{key}.json").read_text())
+        per_image = ("images", "images_sha256")
+        assert ({k: v for k, v in label.items() if k not in per_image}
+                == {k: v for k, v in mesh_label.items() if k not in per_image})
+        assert {n: label["images_sha256"][n] for n in mesh_label["images"]} == mesh_label["images_sha256"]
+        for view in ("global", "local"):
+            assert (out / view / f"{key}.png").read_bytes() == (mesh_run / view / f"{key}.png").read_bytes()
+            mesh = np.asarray(Image.open(out / view / f"{key}.png")).any(axis=2)
+            depth = np.asarray(Image.open(out / f"depth_{view}" / f"{key}.png"))
+            grey = depth[..., 0]
+            assert (depth[..., 1] == grey).all() and (depth[..., 2] == grey).all()
+            assert grey.max() == 255 and grey[grey > 0].min() == 64        # normalised per image
+            assert not (grey > 0)[~mesh].any()                             # black wherever there is no mesh
+            assert (grey > 0).sum() >= 0.9 * mesh.sum()                    # (colour edges are anti-aliased)
+    depth_only = tmp_path / "depth"
+    render_run(labels, depth_only, mano_dir=mano_dir, style="depth", limit=1)
+    label = json.loads((depth_only / "labels" / f"{KEYS[0]}.json").read_text())
+    assert set(label["images"]) == {"depth_global", "depth_local", "rgb_local"} and not (depth_only / "global").exists()
+    assert (depth_only / "depth_global" / f"{KEYS[0]}.png").read_bytes() == \
+        (out / "depth_global" / f"{KEYS[0]}.png").read_bytes()
 
 
 @pytest.mark.slow
@@ -382,3 +407,35 @@ def test_worker_processes_give_the_same_files(ih_run, tmp_path, mano_dir):
     labels, out, _ = ih_run
     render_run(labels, tmp_path / "two", mano_dir=mano_dir, workers=2)
     assert _files(tmp_path / "two") == _files(out)
+
+
+def test_an_image_larger_than_the_renderer_can_draw_is_refused_before_any_output(tmp_path, mano_dir, capsys):
+    from handsynth.render.renderer import max_render_size
+
+    limit = max_render_size()
+    labels = write_jsonl(tmp_path / "wide.jsonl", [jsonl_record("small"), jsonl_record("wide", width=limit + 1)])
+    code = main(["render", "--labels", str(labels), "--mano-dir", str(mano_dir), "--out", str(tmp_path / "run")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"frame wide is {limit + 1}x240 pixels, larger than the {limit}-pixel side" in err
+    assert str(labels) in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_osmesa_library_is_a_one_paragraph_error(tmp_path, mano_dir):
+    """HANDSYNTH_GL_PLATFORM=osmesa on a machine without libOSMesa (a fresh process: the GL platform is chosen
+    once per process)."""
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    if ctypes.util.find_library("OSMesa"):
+        pytest.skip("libOSMesa is installed here: nothing is missing")
+    labels = write_jsonl(tmp_path / "one.jsonl", [jsonl_record("one")])
+    env = {k: v for k, v in os.environ.items() if k != "PYOPENGL_PLATFORM"} | {"HANDSYNTH_GL_PLATFORM": "osmesa"}
+    done = subprocess.run([sys.executable, "-m", "handsynth.cli", "render", "--labels", str(labels), "--mano-dir",
+                           str(mano_dir), "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    err = " ".join(done.stderr.split())
+    assert done.returncode == 3 and "headless OpenGL through 'osmesa' is not available" in err, err
+    assert "libosmesa6" in err and "Traceback" not in err

@@ -7,7 +7,7 @@ import pytest
 import trimesh
 
 from handsynth.render import geometry as g
-from handsynth.render.renderer import HandRenderer, View, oriented_faces
+from handsynth.render.renderer import HandRenderer, View, depth_image, oriented_faces
 
 K = np.array([[600.0, 0.0, 150.0], [0.0, 620.0, 110.0], [0.0, 0.0, 1.0]])
 SIZE = (320, 240)
@@ -127,16 +127,26 @@ def test_mirrored_mesh_renders_mirrored(renderer):
     _assert_mirrored(a, b)
 
 
-def test_depth_style_is_bright_near_dim_far():
+def test_depth_image_is_relative_inverse_depth_of_the_z_buffer(renderer):
     near = _sphere((-0.05, 0.0, 0.5), radius=0.03)
     far = _sphere((0.06, 0.0, 0.9), radius=0.03)
-    (out,) = HandRenderer(style="depth").render([near, far], [View(K, SIZE)])
+    (out,) = renderer.render([near, far], [View(K, SIZE)])
+    image = depth_image(out.depth)
+    grey, z, mesh = image[..., 0].astype(int), out.depth.astype(np.float64), out.depth > 0
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 0] == image[..., 2]).all()
+    assert (grey[~mesh] == 0).all() and grey[mesh].min() == 64 and grey[mesh].max() == 255  # black background
+    # nearer = brighter: sorted by Z, the grey levels never increase
+    order = np.argsort(z[mesh], kind="stable")
+    assert (np.diff(grey[mesh][order]) <= 0).all()
+    # exactly 64 + 191 * normalised disparity (1/Z) of this image's mesh pixels
+    d = 1.0 / z[mesh]
+    np.testing.assert_array_equal(grey[mesh], np.rint(64 + 191 * (d - d.min()) / (d.max() - d.min())))
+    # against the scene: the near sphere's front is the nearest point, the far sphere's front 0.87 m away
     u_near, v_near = np.rint(g.project(np.array([[-0.05, 0.0, 0.47]]), K)[0]).astype(int)
     u_far, v_far = np.rint(g.project(np.array([[0.06, 0.0, 0.87]]), K)[0]).astype(int)
-    assert out.color[v_near, u_near, 0] > out.color[v_far, u_far, 0] > 0
-    assert (out.color[..., 0] == out.color[..., 2]).all() and out.color[~out.mask].max() == 0
-
-
-def test_unknown_style_rejected():
-    with pytest.raises(ValueError, match="unknown render style"):
-        HandRenderer(style="cartoon")
+    assert grey[v_near, u_near] >= 254
+    expected_far = 64 + 191 * (1 / 0.87 - 1 / 0.9) / (1 / 0.47 - 1 / 0.9)   # about 71 (linear in Z: about 77)
+    assert abs(grey[v_far, u_far] - expected_far) <= 3
+    # relative: the same scene twice as far (or in other units) gives the same image
+    np.testing.assert_array_equal(depth_image(out.depth * 2.0), image)
+    assert not depth_image(np.zeros((4, 4), np.float32)).any()

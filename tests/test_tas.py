@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from handsynth.attentionhand.tas import (AttentionStore, TASConfig, gaussian_kernel, refine,
+from handsynth.attentionhand.tas import (AttentionStore, StopForward, TASConfig, gaussian_kernel, refine,
                                          smooth_tokens, step_sizes, tas_gradient, tas_loss, tas_processors,
                                          tas_update, token_probabilities)
 from tests.fixtures.attentionhand_pipeline import make_pipeline
@@ -180,6 +180,57 @@ def test_unknown_resolution_is_reported(pipe, inputs):
         pipe.unet(latents[:1], t, encoder_hidden_states=text[:1])
     with pytest.raises(RuntimeError, match=r"query lengths seen: \[256, 1024\]"):
         store.maps()
+
+
+def test_truncated_pass_gives_the_full_pass_loss_and_gradient(pipe, inputs):
+    """tas_gradient stops the UNet after its last 16x16 cross-attention layer (up_blocks.0 of the tiny UNet):
+    the 32x32 up block and conv_out never run, and in float32 the loss and gradient equal those of a full
+    forward and backward to within 1e-6 (absolute) / 1e-5 (relative) - the same graph minus parts L_TAS
+    does not read."""
+    latents, text, mesh, t = inputs
+    ran = []
+    hooks = [pipe.unet.conv_out.register_forward_hook(lambda *_: ran.append("conv_out")),
+             pipe.unet.up_blocks[1].register_forward_hook(lambda *_: ran.append("up_blocks.1"))]
+    forward, rows = _forward(pipe, text, mesh, t), [0, 1]
+    store = AttentionStore(16)
+    try:
+        with torch.no_grad(), tas_processors(pipe.unet, store):
+            with torch.enable_grad(), store.recording((32, 32)):     # the full pass, by hand
+                x = latents[rows].clone().requires_grad_(True)
+                forward(x, rows)
+                full_loss = tas_loss(refine(store.maps(), [TOKENS[i] for i in rows]))
+                (full_grad,) = torch.autograd.grad(full_loss.sum(), x)
+            assert ran == ["up_blocks.1", "conv_out"] and store._count == 6
+            ran.clear()
+            loss, grad = tas_gradient(latents, forward, store, TOKENS, rows)
+            assert ran == [] and store._count == 6                     # stopped after the sixth layer
+            with store.recording((32, 32), truncate=True), pytest.raises(StopForward):
+                forward(latents[rows], rows)                           # the stop is an exception out of it
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert full_grad.abs().max() > 1e-6                                # a gradient worth comparing
+    torch.testing.assert_close(loss, full_loss.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, full_grad, atol=1e-6 * full_grad.abs().max().item(), rtol=1e-5)
+
+
+def test_a_new_unet_runs_its_first_tas_pass_in_full(pipe, inputs):
+    """Which layer is last is learned per UNet: a copy's first pass runs to the end, later ones stop early."""
+    import copy
+
+    latents, text, mesh, t = inputs
+    unet = copy.deepcopy(pipe.unet)
+    ran = []
+    unet.conv_out.register_forward_hook(lambda *_: ran.append(1))
+
+    def forward(x, rows):
+        unet(x, t, encoder_hidden_states=text[rows])
+
+    store = AttentionStore(16)
+    with torch.no_grad(), tas_processors(unet, store):
+        first, _ = tas_gradient(latents, forward, store, TOKENS, [0])
+        second, _ = tas_gradient(latents, forward, store, TOKENS, [0])
+    assert ran == [1] and torch.equal(first, second)
 
 
 def test_fp16_gradient_is_loss_scaled_and_follows_fp32(pipe, inputs):

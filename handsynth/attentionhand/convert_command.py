@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from handsynth.console import console, print_defaults, stdout
+from handsynth.hub import DEFAULT_GUIDANCE
 
-DEFAULT_OUT = Path("models/attentionhand")
+DEFAULT_OUT = Path(DEFAULT_GUIDANCE)
 
 
 def convert(

@@ -2,7 +2,8 @@
 
 Components (``register_modules``; ``save_pretrained`` / ``AttentionHandPipeline.from_pretrained`` work on
 the whole folder): ``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``controlnet`` (the guidance
-module, one for both branches), ``scheduler``.
+module, one for both branches: any SD1.5 ``ControlNetModel``, or None for plain Stable Diffusion - the
+mesh images are then not used), ``scheduler``.
 
 Sampling follows the public AttentionHand inference (DDIM, 20 steps, eta 0, guidance 9.0, control
 strength 1.0 on all residuals) and diffusers' ControlNet pipeline conventions: the mesh image is
@@ -10,7 +11,9 @@ resized to (height, width), RGB, values in [0, 1], and is given to BOTH classifi
 branches (the unconditional branch keeps the mesh, prompt ""). The global and the optional local branch
 run as one batch through the guidance module and the UNet, rows ordered
 ``[uncond global | uncond local | cond global | cond local]``. With a fresh (zero-output) guidance module
-and TAS off, the images equal ``StableDiffusionPipeline``'s for the same components and generators.
+and TAS off, or with no guidance module (``controlnet=None``), the images equal
+``StableDiffusionPipeline``'s for the same components and generators. TAS reads the UNet's cross-attention,
+so it works the same with any guidance module or none.
 
 Randomness: each sample's initial latent comes from its own ``torch.Generator`` (``generator[i]``), so a
 batch equals single runs. The local branch's latent comes from ``local_generator[i]`` if given, otherwise
@@ -95,7 +98,8 @@ class AttentionHandPipeline(DiffusionPipeline):
                                  "for 0..255 data")
             tensor = self.mesh_processor.preprocess(image, height=height, width=width)
             batch.append(tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor)
-        return torch.cat(batch).to(device=self._execution_device, dtype=self.controlnet.dtype)
+        dtype = (self.controlnet or self.unet).dtype
+        return torch.cat(batch).to(device=self._execution_device, dtype=dtype)
 
     def prepare_latents(self, batch: int, height: int, width: int, generator) -> torch.Tensor:
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
@@ -108,7 +112,10 @@ class AttentionHandPipeline(DiffusionPipeline):
 
     def denoise(self, latents: torch.Tensor, t, text_embeds: torch.Tensor, mesh: torch.Tensor,
                 control_scale: float) -> torch.Tensor:
-        """Noise prediction of the UNet with the guidance module's residuals for the (scaled) ``latents``."""
+        """Noise prediction of the UNet with the guidance module's residuals for the (scaled) ``latents``
+        (the UNet alone without a guidance module)."""
+        if self.controlnet is None:
+            return self.unet(latents, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
         down, mid = self.controlnet(latents, t, encoder_hidden_states=text_embeds, controlnet_cond=mesh,
                                     conditioning_scale=control_scale, return_dict=False)
         return self.unet(latents, t, encoder_hidden_states=text_embeds, down_block_additional_residuals=down,

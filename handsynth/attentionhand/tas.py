@@ -14,7 +14,10 @@ Pieces, each usable alone:
 - :func:`tas_loss`: per sample, L = max over its hand tokens of (1 - max over pixels of the refined map).
 - :func:`step_sizes`, :func:`tas_gradient` and :func:`tas_update`: the gradient step
   X_t <- X_t - alpha * dL/dX_t, batched with per-sample token lists, through the same UNet (and guidance
-  module) that generates; float16 gradients are loss-scaled so that they do not underflow.
+  module) that generates; float16 gradients are loss-scaled so that they do not underflow. The UNet is
+  stopped right after its last recorded layer (see :meth:`AttentionStore.recording`): for SD1.5 at 512x512
+  that skips ``up_blocks.2``, ``up_blocks.3`` and ``conv_out``, which cannot change L_TAS, in the forward
+  and in the backward pass.
 
 Conventions: hand-token indices are CLIP token positions (0 = start token, words from 1), one list per
 sample; the refined map of position ``p`` is column ``p - 1`` of :func:`token_probabilities`' output.
@@ -24,6 +27,7 @@ Attention maps are laid out (batch, height, width, tokens) in latent-grid pixels
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -45,7 +49,7 @@ class TASConfig:
     iterations: int = 1  # gradient updates on the latents per TAS step
     step_size_start: float = 20.0  # alpha at the first TAS update ...
     step_size_end: float = 10.0  # ... decreasing (linearly in alpha^2, see step_sizes) to this at the last
-    attention_res: int = 16  # record cross-attention at this latent-grid resolution (SD1.5 at 512: 16x16)
+    attention_res: int = 16  # record cross-attention at this resolution of the latent's longer side (SD1.5 at 512: 16)
     softmax_scale: float = 100.0
     kernel_size: int = 3
     sigma: float = 0.5
@@ -64,12 +68,22 @@ class TASConfig:
 # Recording cross-attention
 
 
+class StopForward(Exception):
+    """Raised out of the UNet by a truncated recording once its last recorded layer has run."""
+
+
+# Per UNet (weakly held), the layers a complete recording recorded, in call order, per (latent size,
+# attention_res): what a truncated recording of the same UNet waits for before it stops the forward.
+_LAST_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 class AttentionStore:
     """Collects head-averaged cross-attention probabilities of one forward pass.
 
     Use :meth:`recording` around a UNet call: it clears the store, sets the target resolution from
-    the latent size (``attention_res`` rows; e.g. a 64x64 latent and attention_res=16 record the layers
-    at 1/4 of the latent size) and the batch rows to keep. Layers at other resolutions are ignored.
+    the latent size (``attention_res`` along the latent's longer side; e.g. a 64x64 latent and
+    attention_res=16 record the layers at 1/4 of the latent size, a 64x42 latent the 16x11 layers) and
+    the batch rows to keep. Layers at other resolutions are ignored.
     """
 
     def __init__(self, attention_res: int = 16):
@@ -80,20 +94,38 @@ class AttentionStore:
         self.seen_lengths: set[int] = set()
         self._sum: torch.Tensor | None = None
         self._count = 0
+        self._layers: list = []  # the layers recorded so far in this recording, in call order
+        self._known: dict | None = None  # _LAST_LAYERS of the UNet, set by tas_processors
+        self._stop_at: tuple | None = None  # the layers after which a truncated recording stops the forward
+        self._stopped = False
 
     @contextmanager
-    def recording(self, latent_hw: tuple[int, int], rows: slice | torch.Tensor | None = None) -> Iterator[None]:
-        """Record the forward passes inside the block for a latent of ``latent_hw``; keep batch ``rows``."""
+    def recording(self, latent_hw: tuple[int, int], rows: slice | torch.Tensor | None = None,
+                  truncate: bool = False) -> Iterator[None]:
+        """Record the forward passes inside the block for a latent of ``latent_hw``; keep batch ``rows``.
+
+        ``truncate``: raise :class:`StopForward` out of the (one) UNet forward in the block as soon as
+        the last layer at the recorded resolution has run - the caller catches it (see
+        :func:`tas_gradient`). Which layer is last is learned from the first complete recording of the
+        same UNet (installed by :func:`tas_processors`) at the same latent size; until then, and for a
+        UNet whose layers then differ, the forward runs to the end.
+        """
         h, w = latent_hw
-        if h % self.attention_res:
-            raise ValueError(f"attention_res {self.attention_res} does not divide the latent height {h}")
-        factor = h // self.attention_res
-        self.hw, self.rows, self.active = (h // factor, w // factor), rows, True
-        self.seen_lengths, self._sum, self._count = set(), None, 0
+        if max(h, w) % self.attention_res:
+            raise ValueError(f"attention_res {self.attention_res} does not divide the latent's longer side "
+                             f"{max(h, w)}")
+        factor = max(h, w) // self.attention_res
+        self.hw, self.rows, self.active = (_downsampled(h, factor), _downsampled(w, factor)), rows, True
+        self.seen_lengths, self._sum, self._count, self._layers = set(), None, 0, []
+        key = (h, w, self.attention_res)
+        self._stop_at = self._known.get(key) if truncate and self._known is not None else None
+        self._stopped = False
         try:
             yield
         finally:
-            self.active = False
+            self.active, self._stop_at = False, None
+        if not self._stopped and self._known is not None and self._layers:
+            self._known[key] = tuple(self._layers)  # a complete forward: its last recorded layer is the last
 
     def wants(self, query_length: int) -> bool:
         """Whether a layer with this query length (pixels) is recorded now."""
@@ -102,12 +134,20 @@ class AttentionStore:
         self.seen_lengths.add(query_length)
         return query_length == self.hw[0] * self.hw[1]
 
-    def add(self, probs: torch.Tensor) -> None:
-        """Add one layer's probabilities, shape (batch, heads, query, tokens), float32."""
+    def add(self, probs: torch.Tensor, layer: object = None) -> None:
+        """Add one ``layer``'s probabilities, shape (batch, heads, query, tokens), float32.
+
+        Raises :class:`StopForward` when a truncated recording has now recorded all its layers.
+        """
         probs = probs if self.rows is None else probs[self.rows]
         mean = probs.mean(dim=1)
         self._sum = mean if self._sum is None else self._sum + mean
         self._count += 1
+        self._layers.append(layer)
+        stop = self._stop_at
+        if stop is not None and len(self._layers) == len(stop) and all(a is b for a, b in zip(self._layers, stop)):
+            self._stopped = True
+            raise StopForward
 
     def maps(self) -> torch.Tensor:
         """Average over the layers of the last recording: (batch, height, width, tokens), float32."""
@@ -117,6 +157,16 @@ class AttentionStore:
                 f"seen: {sorted(self.seen_lengths)}); choose another attention_res")
         avg = self._sum / self._count
         return avg.reshape(avg.shape[0], *self.hw, avg.shape[-1])
+
+
+def _downsampled(n: int, factor: int) -> int:
+    """A latent side after the UNet's downsamplings by ``factor``: each stride-2 step rounds up (a 42-wide
+    latent is 21 then 11 wide), so the shorter side of a non-square latent need not divide evenly."""
+    if factor & (factor - 1):            # not a power of two: no UNet level has this resolution
+        return n // factor
+    while factor > 1:
+        n, factor = -(-n // 2), factor // 2
+    return n
 
 
 class TASAttnProcessor:
@@ -169,7 +219,7 @@ class TASAttnProcessor:
             if attention_mask is not None:
                 scores = scores + attention_mask.float()
             probs = scores.softmax(dim=-1)
-            self.store.add(probs)
+            self.store.add(probs, attn)
             hidden_states = (probs.to(value.dtype) @ value)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
@@ -186,6 +236,18 @@ class TASAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def cross_attention_resolutions(unet, latent_size: int) -> list[int]:
+    """The sides of the cross-attention maps ``unet`` makes for a ``latent_size`` x ``latent_size`` latent
+    (each UNet level halves the side; SD1.5 at a 64 latent: [8, 16, 32, 64])."""
+    config = unet.config
+    down, up = list(config.down_block_types), list(config.up_block_types)
+    sides = {latent_size >> i for i, kind in enumerate(down) if "CrossAttn" in kind}
+    sides |= {latent_size >> (len(up) - 1 - i) for i, kind in enumerate(up) if "CrossAttn" in kind}
+    if "CrossAttn" in str(getattr(config, "mid_block_type", "") or ""):
+        sides.add(latent_size >> (len(down) - 1))
+    return sorted(s for s in sides if s > 0)
+
+
 @contextmanager
 def tas_processors(unet, store: AttentionStore) -> Iterator[AttentionStore]:
     """Install :class:`TASAttnProcessor` on every cross-attention layer (``attn2``) of ``unet``; restore after.
@@ -193,6 +255,7 @@ def tas_processors(unet, store: AttentionStore) -> Iterator[AttentionStore]:
     Self-attention layers keep their processors. Whether a layer records is decided per call from its
     query length (see :meth:`AttentionStore.recording`).
     """
+    store._known = _LAST_LAYERS.setdefault(unet, {})
     previous = dict(unet.attn_processors)
     processor = TASAttnProcessor(store)
     patched = {name: (processor if name.endswith("attn2.processor") else proc) for name, proc in previous.items()}
@@ -300,15 +363,21 @@ def tas_gradient(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[in
     """Per-sample L_TAS of batch ``rows`` and its float32 gradient with respect to those latents.
 
     Returns ``(losses (R,), grad (R, C, h, w))``. Autograd is asked for the latents' gradient only, so
-    model parameters never receive gradients. With float16 latents the loss is scaled by
-    :data:`FP16_LOSS_SCALE` for the backward pass; a row whose gradient is then not finite (overflow)
-    gets a zero gradient, i.e. no update, as a mixed-precision optimiser skips such a step.
+    model parameters never receive gradients. The recording is truncated: ``forward`` stops (with
+    :class:`StopForward`, caught here) once the last layer L_TAS reads has run, so neither the forward
+    nor the backward pass computes the rest of the UNet; the loss and gradient are those of the full pass.
+    With float16 latents the loss is scaled by :data:`FP16_LOSS_SCALE` for the backward pass; a row whose
+    gradient is then not finite (overflow) gets a zero gradient, i.e. no update, as a mixed-precision
+    optimiser skips such a step.
     """
     scale = FP16_LOSS_SCALE if latents.dtype == torch.float16 else 1.0
     with torch.enable_grad():
         x = latents[rows].detach().requires_grad_(True)
-        with store.recording(tuple(latents.shape[-2:])):
-            forward(x, rows)
+        with store.recording(tuple(latents.shape[-2:]), truncate=True):
+            try:
+                forward(x, rows)
+            except StopForward:
+                pass
         losses = tas_loss(refine(store.maps(), [token_indices[i] for i in rows], config))
         (grad,) = torch.autograd.grad(losses.sum() * scale, x)
     grad = grad.float() / scale

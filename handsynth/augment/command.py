@@ -33,7 +33,7 @@ def augment(
              "<name>.summary.json.", show_default=False)],
     recipe: Annotated[Optional[Path], typer.Option(
         "--recipe", "-r", help="Augmentation recipe YAML (default: the built-in defaults, the same as the "
-                               "commented recipes/augment.yaml).")] = None,
+                               "commented shipped recipe: handsynth recipes copy augment).")] = None,
     format: Annotated[Optional[str], typer.Option(
         "--format", help="Label format, when detection from the content should be overridden: "
                          "interhand26m, coco-neuralannot or handsynth-jsonl.")] = None,
@@ -52,7 +52,7 @@ def augment(
 
     if recipe is None:
         loaded, defaults = AugmentRecipe(), {}
-        print_defaults({"--recipe": "built-in defaults (as in recipes/augment.yaml)"})
+        print_defaults({"--recipe": "built-in defaults (as in the shipped augment recipe)"})
     else:
         loaded, defaults = load_augment_recipe(recipe)
         if defaults:

@@ -4,7 +4,7 @@ Loading goes through :func:`handsynth.prompts.recipe.load_yaml_model`, the same 
 generation recipes: unknown keys, wrong types and out-of-range values raise
 :class:`~handsynth.errors.InputError` naming the recipe file, the field path (e.g.
 ``viewpoint.fov_deg``), its line and a fix. Every field has a default (the commented
-``recipes/augment.yaml`` lists them all); each knob has an off-switch (``enabled: false``).
+the shipped ``augment`` recipe (``handsynth recipes copy augment``) lists them all); each knob has an off-switch (``enabled: false``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from handsynth.prompts.recipe import _defaults_used, load_yaml_model
 
-EXAMPLE = "recipes/augment.yaml"
+EXAMPLE = "augment.yaml (`handsynth recipes copy augment`)"
 
 
 class _Strict(BaseModel):

@@ -37,11 +37,24 @@ def export(
     mano_dir: Annotated[Optional[Path], typer.Option(
         envvar="HANDSYNTH_MANO_DIR",
         help="MANO files (hamer layout only; default: the folder the render run used).")] = None,
+    min_hand_score: Annotated[Optional[float], typer.Option(
+        help="Quality gate: keep only samples whose every hand was detected with at least this score (from "
+             "`handsynth evaluate`; the run must have been evaluated).", show_default=False)] = None,
+    max_keypoint_error: Annotated[Optional[float], typer.Option(
+        help="Quality gate: keep only samples whose 2D keypoint error (hand sizes) is at most this.",
+        show_default=False)] = None,
+    evaluation: Annotated[Optional[Path], typer.Option(
+        help="Evaluation folder the gate reads (default: <run>/evaluation).", show_default=False)] = None,
+    hamer_margin: Annotated[Optional[float], typer.Option(
+        help="hamer layout: HaMeR's crop (scale * 200) as a multiple of the hand box's longer side (default: "
+             "2.2, which keeps every joint in the crop under HaMeR's default training augmentation).",
+        show_default=False)] = None,
 ) -> None:
     """Export generated images with their ORIGINAL 3D labels as WebDataset tar shards.
 
-    Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
+    Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), each image's labels in its own pixel frame (size, K, 2D joints, boxes), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
     """
+    from handsynth.export.hamer import HAMER_MARGIN
     from handsynth.export.webdataset import GENERATE_STAGE, export_run, verify_shards
     from handsynth.rundir import newest_run
 
@@ -63,13 +76,27 @@ def export(
         shard_size = defaults["--shard-size"] = DEFAULT_SHARD_SIZE
     if layout is None:
         layout = defaults["--layout"] = "handsynth"
+    if layout == "hamer" and hamer_margin is None:
+        hamer_margin = defaults["--hamer-margin"] = HAMER_MARGIN
+    gate = None
+    if min_hand_score is not None or max_keypoint_error is not None:
+        from handsynth.evaluate.gate import EVALUATION, Gate
+
+        gate = Gate(min_hand_score, max_keypoint_error, evaluation)
+        if evaluation is None:
+            defaults["--evaluation"] = run / EVALUATION
     print_defaults(defaults)
     summary = export_run(run, out, format=format, shard_size=shard_size, layout=layout, overwrite=overwrite,
-                         verify=verify, mano_dir=mano_dir)
+                         verify=verify, mano_dir=mano_dir, gate=gate,
+                         hamer_margin=hamer_margin)
     stdout.print(
         f"exported {summary.samples} samples into {summary.shards} shards in {summary.out} "
         f"({summary.written} written, {summary.kept} already complete; {summary.bytes / 1e6:.1f} MB) in "
         f"{summary.elapsed_s:.1f} s; incomplete samples skipped: {summary.incomplete}", soft_wrap=True)
+    if summary.filtered is not None:
+        f = summary.filtered
+        stdout.print(f"quality gate kept {f['kept']} sample(s), dropped {sum(f['dropped'].values())}: "
+                     f"{f['dropped'] or 'none'}", soft_wrap=True)
     if summary.verified is not None:
         _print_verified(summary.verified)
 

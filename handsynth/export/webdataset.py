@@ -5,13 +5,19 @@ name) holding the run's complete samples (those with ``samples/<key>.json``) in 
 ``shard_size`` per shard. Members of sample ``<key>`` (keys have no dots, as WebDataset needs):
 
 - layout ``handsynth`` (default): ``<key>.jpg|png`` the generated image (bytes as generated),
-  ``<key>.mesh.png`` the render run's global mesh image, ``<key>.local.jpg|png`` /
-  ``<key>.local_mesh.png`` the generated local image and its mesh image when present, and
-  ``<key>.json``: the render label file (original annotation + derived joints/boxes, units and
-  joint order named) with a ``generation`` block added (the sample file's fields, the generated
-  image size, the recipe sha256 and the model ids from the generate manifest).
+  ``<key>.mesh.png`` the mesh image the model was conditioned on (the render run's global mesh image
+  cut and resampled to the generated image's frame), ``<key>.local.jpg|png`` /
+  ``<key>.local_mesh.png`` the generated local image and its mesh image (in the local image's frame)
+  when present, ``<key>.depth.png`` / ``<key>.local_depth.png`` the depth images likewise when the
+  render run has them (``--style depth`` or ``mesh,depth``; a depth-only run has no ``mesh.png``), and
+  ``<key>.json``: the render label file (original annotation + derived joints/boxes in SOURCE pixels,
+  units and joint order named) with blocks added: ``generation`` (the sample file's fields, the recipe
+  sha256 and the model ids from the generate manifest), ``image`` and, with a local image,
+  ``local_image`` - each image's labels in its own pixel frame (size, K, from_source, hands'
+  joints_2d and boxes), copied from the sample file (see :mod:`handsynth.generate.frame`).
 - layout ``hamer``: ``<key>.jpg|png``, ``<key>.data.pyd`` (see :mod:`handsynth.export.hamer`) and
-  ``<key>.json`` as above.
+  ``<key>.json`` as above; the local image is a sample of its own, ``<key>-local``, with its own
+  ``data.pyd`` and the same ``json``.
 
 Writes are atomic: each shard goes to a temporary name and is renamed when complete; ``index.json``
 (the folder's run manifest, see :mod:`handsynth.rundir`: shards, keys, sha256, counts, status) is
@@ -47,9 +53,13 @@ LAYOUTS = ("handsynth", "hamer")
 GENERATE_STAGE = generate_layout.STAGE
 INDEX = "index.json"
 IMAGE_EXTS = generate_layout.IMAGE_EXTS
+#: Render images (label ``images`` names) -> sample members, when the render run has them.
+CONDITION_MEMBERS = {"global": "mesh.png", "local": "local_mesh.png", "depth_global": "depth.png",
+                     "depth_local": "local_depth.png"}
 TAR_MTIME = 946684800            # 2000-01-01T00:00:00Z for every member: reruns are byte-identical
 TAR_OWNER = "handsynth"
 TAR_MODE = 0o444
+LOCAL_SUFFIX = "-local"          # hamer layout: the key of a sample's local image
 
 
 @dataclass
@@ -63,6 +73,7 @@ class ExportSummary:
     bytes: int
     elapsed_s: float
     verified: "VerifySummary | None" = None
+    filtered: dict[str, Any] | None = None      # the quality gate's record, when one was applied
 
 
 @dataclass
@@ -78,54 +89,120 @@ class VerifySummary:
 # --- one sample -----------------------------------------------------------------------------
 
 class RecordBuilder:
-    """Builds the tar members (field name -> bytes) of a sample in the chosen layout."""
+    """Builds the tar records (key, field name -> bytes) of a sample in the chosen layout."""
 
-    def __init__(self, source: GenerateRun, layout: str, mano_dir: Path | None = None):
+    def __init__(self, source: GenerateRun, layout: str, mano_dir: Path | None = None,
+                 hamer_margin: float | None = None):
+        from handsynth.export.hamer import HAMER_MARGIN
+
         self.source, self.layout = source, layout
+        self.hamer_margin = HAMER_MARGIN if hamer_margin is None else hamer_margin
         manifest = source.manifest
         recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
         self.extra = {"generate_run": source.path.name, "recipe_sha256": recipe.get("sha256"),
                       "model": manifest.get("model")}
         self.hands_mean = _hands_mean(source.render_run, mano_dir) if layout == "hamer" else None
 
-    def __call__(self, sample: Sample) -> dict[str, bytes]:
-        from PIL import Image
+    def keys(self, sample: Sample) -> list[str]:
+        """The tar keys ``sample`` becomes: its key, and ``<key>-local`` for its local image (hamer layout)."""
+        if self.layout == "hamer" and sample.local is not None:
+            return [sample.key, sample.key + LOCAL_SUFFIX]
+        return [sample.key]
 
+    def __call__(self, sample: Sample) -> list[tuple[str, dict[str, bytes]]]:
         render = self.source.render_run
         label = render_layout.read_label(render, sample.frame, needed_by=f"sample {sample.key}")
+        record = io.read_json(sample.record_path, what="sample file")
         image = generate_layout.read_output(sample, "image")
+        local = generate_layout.read_output(sample, "local") if sample.local is not None else None
+        blocks = {"image": _frame_block(sample, record, "image", image, sample.image)}
+        if local is not None:
+            blocks["local_image"] = _frame_block(sample, record, "local_image", local, sample.local)
         try:
-            with Image.open(_io.BytesIO(image)) as img:
-                size = img.size
-        except OSError as exc:
-            raise InputError(f"the generated image cannot be read: {exc}", where=sample.image,
-                             fix=generate_layout.REDO) from None
-        try:
-            return self._members(sample, label, image, size)
+            return self._records(sample, label, record, blocks, image, local)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"the render label of frame {sample.frame} lacks a field export needs or has a "
                              f"malformed one ({type(exc).__name__}: {exc})",
                              where=render_layout.label_path(render, sample.frame),
                              fix="rerun `handsynth render` into a new --out and generate from it") from None
 
-    def _members(self, sample: Sample, label: dict[str, Any], image: bytes,
-                 size: tuple[int, int]) -> dict[str, bytes]:
+    def _records(self, sample: Sample, label: dict[str, Any], record: dict[str, Any],
+                 blocks: dict[str, dict[str, Any]], image: bytes,
+                 local: bytes | None) -> list[tuple[str, dict[str, bytes]]]:
         render = self.source.render_run
-        generation = {**io.read_json(sample.record_path, what="sample file"), **self.extra,
-                      "image_size": list(size)}
-        members = {sample.image.suffix[1:]: image,
-                   "json": json.dumps({**label, "generation": generation}, allow_nan=False).encode()}
+        generation = {**{k: v for k, v in record.items() if k not in blocks}, **self.extra}
+        document = json.dumps({**label, "generation": generation, **blocks}, allow_nan=False).encode()
+        images = {sample.image.suffix[1:]: image}
         if self.layout == "hamer":
             from handsynth.export.hamer import encode_pyd, hamer_hands
 
-            members["data.pyd"] = encode_pyd(hamer_hands(label, size, self.hands_mean))
-            return members
-        members["mesh.png"] = render_layout.read_image(render, label, "global")
-        if label["images"].get("local") and (render / label["images"]["local"]).is_file():
-            members["local_mesh.png"] = render_layout.read_image(render, label, "local")
-        if sample.local is not None:
-            members[f"local{sample.local.suffix}"] = generate_layout.read_output(sample, "local")
-        return members
+            def pyd(block: dict[str, Any]) -> bytes:
+                return encode_pyd(hamer_hands(label, block, self.hands_mean, self.hamer_margin))
+
+            records = [(sample.key, {**images, "data.pyd": pyd(blocks["image"]), "json": document})]
+            if local is not None:
+                records.append((sample.key + LOCAL_SUFFIX, {sample.local.suffix[1:]: local,
+                                                            "data.pyd": pyd(blocks["local_image"]),
+                                                            "json": document}))
+            return records
+        members = {**images, "json": document}
+        for name, member in CONDITION_MEMBERS.items():
+            is_local = name.endswith("local")
+            rel = label["images"].get(name)
+            if rel is None or (is_local and (local is None or not (render / rel).is_file())):
+                continue
+            members[member] = _condition_in_frame(render_layout.read_image(render, label, name),
+                                                  blocks["local_image" if is_local else "image"], is_local)
+        if local is not None:
+            members[f"local{sample.local.suffix}"] = local
+        return [(sample.key, members)]
+
+
+def _frame_block(sample: Sample, record: dict[str, Any], name: str, data: bytes, image: Path) -> dict[str, Any]:
+    """The sample file's ``name`` block (an image's labels in its own frame), checked against the image."""
+    from PIL import Image
+
+    from handsynth.generate.frame import frame_of
+
+    block = record.get(name)
+    if not isinstance(block, dict):
+        raise InputError(f"the sample file has no '{name}' block (labels in the image's own pixel frame); it was "
+                         "written by an older handsynth", where=f"{sample.record_path}, field '{name}'",
+                         fix="rerun `handsynth generate` into a new --out with this version")
+    try:
+        frame_of(block)
+        if not isinstance(block["hands"], list):
+            raise TypeError("'hands' is not a list")
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise InputError(f"the sample file's '{name}' block is malformed ({type(exc).__name__}: {exc})",
+                         where=f"{sample.record_path}, field '{name}'",
+                         fix="rerun `handsynth generate` into a new --out") from None
+    try:
+        with Image.open(_io.BytesIO(data)) as img:
+            size = list(img.size)
+    except OSError as exc:
+        raise InputError(f"the generated image cannot be read: {exc}", where=image,
+                         fix=generate_layout.REDO) from None
+    if size != block["size"]:
+        raise InputError(f"the image is {size[0]}x{size[1]} but the sample file records {block['size']}",
+                         where=f"{sample.record_path}, field '{name}.size'",
+                         fix="rerun `handsynth generate` into a new --out")
+    return block
+
+
+def _condition_in_frame(data: bytes, block: dict[str, Any], local: bool) -> bytes:
+    """PNG of a render condition image (mesh or depth) cut and resampled onto an image's frame, as generate
+    conditioned on it: a global image (source frame) through ``from_source``; a local one (render's crop)
+    resized to the local image."""
+    from PIL import Image
+
+    from handsynth.generate.frame import frame_of, resample, resize_map
+    from handsynth.generate.runner import encode_image
+
+    with Image.open(_io.BytesIO(data)) as img:
+        condition = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
+    frame = resize_map(condition.size, block["size"]) if local else frame_of(block)
+    return encode_image(resample(condition, frame), "png", 0)
 
 
 def _hands_mean(render_run: Path, mano_dir: Path | None) -> dict[str, Any]:
@@ -200,8 +277,12 @@ def holds_only_an_export(out: Path) -> bool:
 
 def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: int = 1000,
                layout: str = "handsynth", overwrite: bool = False, verify: bool = True,
-               mano_dir: Path | None = None, command: list[str] | None = None) -> ExportSummary:
+               mano_dir: Path | None = None, command: list[str] | None = None, gate=None,
+               hamer_margin: float | None = None) -> ExportSummary:
     """Export the generate run ``run`` as WebDataset shards in ``out`` (see the module docstring).
+
+    ``gate`` (a :class:`handsynth.evaluate.gate.Gate`) keeps only the samples whose evaluation scores
+    pass; index.json then records the thresholds and what was dropped and why.
 
     Raises InputError on bad options, a run that is not a generate run, missing or damaged input
     files, or an ``out`` holding an export of other inputs (unless ``overwrite``) or anything but an
@@ -209,18 +290,29 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
     writes to it.
     """
     started = time.perf_counter()
-    _check_options(format, shard_size, layout)
+    _check_options(format, shard_size, layout, hamer_margin)
     source = generate_layout.read_run(run)
     if not source.samples:
         raise InputError("the generate run has no complete sample (no samples/<key>.json yet)", where=run,
                          fix="let `handsynth generate` finish some samples first")
+    filtered = None
+    if gate is not None:
+        from handsynth.evaluate.gate import apply
+
+        source.samples, filtered = apply(gate, source.path, source.samples)
+        if not source.samples:
+            raise InputError(f"the quality gate dropped every sample ({filtered['dropped']})", where=run,
+                             fix="lower --min-hand-score or raise --max-keypoint-error")
     name = sanitize(source.path.resolve().name)
-    builder = RecordBuilder(source, layout, mano_dir)
+    builder = RecordBuilder(source, layout, mano_dir, hamer_margin)
     chunks = [source.samples[i:i + shard_size] for i in range(0, len(source.samples), shard_size)]
     digests = [_chunk_digest(source, chunk) for chunk in chunks]
     identity = {"format": format, "layout": layout, "shard_size": shard_size, "name": name,
+                **({"hamer_margin": builder.hamer_margin} if layout == "hamer" else {}),
                 "generate_run": str(source.path.resolve()),
                 "recipe_sha256": builder.extra["recipe_sha256"], "inputs": source.manifest.get("inputs")}
+    if gate is not None:
+        identity["filter"] = gate.identity()
     target = rundir.RunDir(out, STAGE, fingerprint=identity, command=command, manifest=INDEX, replace=overwrite,
                            recognise=holds_only_an_export, what="export run")
     if target.check():
@@ -228,14 +320,16 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
 
     entries: list[dict[str, Any]] = []
     written = kept = 0
-    with target.open(samples=0, incomplete_samples_skipped=source.incomplete, shards=[]):
+    with target.open(samples=0, incomplete_samples_skipped=source.incomplete,
+                     **({"filter": filtered} if filtered else {}), shards=[]):
         out = target.out
         earlier = _earlier_shards(target)
         with progress("samples") as bar:
             task = bar.add_task("export", total=len(source.samples))
             for number, (chunk, digest) in enumerate(zip(chunks, digests)):
-                entry = {"name": shard_name(name, number), "count": len(chunk),
-                         "keys": [s.key for s in chunk], "inputs_sha256": digest}
+                keys = [key for s in chunk for key in builder.keys(s)]
+                entry = {"name": shard_name(name, number), "count": len(keys), "keys": keys,
+                         "inputs_sha256": digest}
                 old = earlier.get(entry["name"])
                 if old is not None and not overwrite and _still_complete(out, old, entry):
                     entries.append(old)
@@ -244,7 +338,7 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
                 else:
                     records = []
                     for sample in chunk:
-                        records.append((sample.key, builder(sample)))
+                        records.extend(builder(sample))
                         bar.advance(task)
                     entry.update(write_shard(out / entry["name"], records))
                     entries.append(entry)
@@ -254,13 +348,14 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
         target.finish(samples=sum(e["count"] for e in entries), shards=entries)
     summary = ExportSummary(out=out, shards=len(entries), written=written, kept=kept,
                             samples=len(source.samples), incomplete=source.incomplete,
-                            bytes=sum(e["bytes"] for e in entries), elapsed_s=time.perf_counter() - started)
+                            bytes=sum(e["bytes"] for e in entries), elapsed_s=time.perf_counter() - started,
+                            filtered=filtered)
     if verify:
         summary.verified = verify_shards(out)
     return summary
 
 
-def _check_options(format: str, shard_size: int, layout: str) -> None:
+def _check_options(format: str, shard_size: int, layout: str, hamer_margin: float | None) -> None:
     if format not in FORMATS:
         raise InputError(f"unknown export format '{format}'", where="--format",
                          fix=f"use one of: {', '.join(FORMATS)}")
@@ -269,6 +364,9 @@ def _check_options(format: str, shard_size: int, layout: str) -> None:
     if shard_size < 1:
         raise InputError(f"shard size must be >= 1, got {shard_size}", where="--shard-size",
                          fix="pass the number of samples per shard (HaMeR uses about 1000)")
+    if hamer_margin is not None and not (layout == "hamer" and 1.0 <= hamer_margin <= 10.0):
+        raise InputError(f"--hamer-margin {hamer_margin} is not usable with layout '{layout}'",
+                         where="--hamer-margin", fix="use it with --layout hamer, between 1.0 and 10.0 (default 2.2)")
 
 
 def _chunk_digest(source: GenerateRun, chunk: list[Sample]) -> str:
@@ -354,7 +452,7 @@ def verify_shards(out: Path) -> VerifySummary:
                          fix="rerun the `handsynth export` command that wrote it, with --overwrite")
     fingerprint = index.get("fingerprint") or {}
     layout = fingerprint.get("layout", "handsynth") if isinstance(fingerprint, dict) else "handsynth"
-    required = {"json"} | ({"data.pyd"} if layout == "hamer" else {"mesh.png"})
+    required = {"json"} | ({"data.pyd"} if layout == "hamer" else set())
     problems: list[str] = []
     if index.get("status") != rundir.COMPLETE:
         problems.append(f"the export did not finish (it {rundir.describe_status(out, index)}; rerun it)")
@@ -402,6 +500,8 @@ def _check_sample(sample: dict[str, Any], required: set[str]) -> list[str]:
     from PIL import Image
 
     problems = [f"no '{name}' member" for name in sorted(required - set(sample))]
+    if "data.pyd" not in required and not {"mesh.png", "depth.png"} & set(sample):
+        problems.append("no condition image member (mesh.png or depth.png)")
     images = [sample[ext] for ext in IMAGE_EXTS if ext in sample]
     if len(images) != 1 or not isinstance(images[0], Image.Image):
         problems.append("no decodable generated image (jpg or png)")
@@ -409,6 +509,6 @@ def _check_sample(sample: dict[str, Any], required: set[str]) -> list[str]:
     if not isinstance(label, dict) or not label.get("hands") or "generation" not in label:
         problems.append("the json member is not a label with hands and a generation block")
     hands = sample.get("data.pyd")
-    if "data.pyd" in required and not (isinstance(hands, list) and hands):
+    if "data.pyd" in required and not isinstance(hands, list):
         problems.append("data.pyd is not a list of hands")
     return problems

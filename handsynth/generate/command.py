@@ -60,12 +60,14 @@ def generate(
     images/<key>, local/<key> (hand crops, when the render run has local mesh images) and
     samples/<key>.json (written last) plus manifest.json into --out.
     """
-    from handsynth.attentionhand.loading import load_pipeline
+    from handsynth.attentionhand.loading import load_pipeline, resolve_guidance
     from handsynth.generate import runner
     from handsynth.generate.plan import find_inputs
+    from handsynth.attentionhand.tas import cross_attention_resolutions
     from handsynth.prompts.recipe import check_tas_resolution, load_recipe
 
     loaded = load_recipe(recipe)
+    guidance = resolve_guidance(loaded.model.guidance)      # a wrong guidance path fails before anything runs
     defaults: dict[str, object] = {}
     inputs, note = find_inputs(loaded, run)
     if note:
@@ -99,6 +101,8 @@ def generate(
     if recipe_defaults:
         console.print(f"[dim]using recipe defaults: {', '.join(recipe_defaults)}[/dim]")
 
+    console.print(f"[dim]model: base {loaded.model.base}; guidance {guidance.describe()}; condition images "
+                  f"{loaded.model.condition}[/dim]", soft_wrap=True)
     model = {"base": loaded.model.base, "guidance": loaded.model.guidance,
              "guidance_files_sha256": runner.guidance_files(loaded.model.guidance),
              "scheduler": loaded.sampler.scheduler}
@@ -106,7 +110,8 @@ def generate(
     runner.check_out_dir(Path(out), prints)       # before the slow model load; nothing is created yet
     pipe = load_pipeline(loaded.model.base, loaded.model.guidance, dtype=precision, device=device,
                          scheduler=loaded.sampler.scheduler)
-    check_tas_resolution(loaded, pipe.vae_scale_factor)
+    check_tas_resolution(loaded, pipe.vae_scale_factor, cross_attention_resolutions(
+        pipe.unet, loaded.image.size // pipe.vae_scale_factor))
     summary = runner.run(loaded, inputs, pipe, out=Path(out), start=start, count=count, batch_size=batch_size,
                          device=device, precision=precision, model=model, prints=prints)
     stdout.print(f"generated {summary.done} image(s), {summary.skipped} already done, into {summary.out} "

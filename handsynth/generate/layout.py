@@ -4,11 +4,13 @@ Run directory::
 
     <run>/manifest.json          stage "generate": command, recipe (path, sha256, resolved), inputs, model,
                                  precision, device, seed rule, fingerprint, counts, status
-    <run>/images/<skey>.<ext>    generated global image (recipe image.format / quality)
+    <run>/images/<skey>.<ext>    generated global image (recipe image.format / quality) in the frame that
+                                 recipe image.fit chose (see handsynth.generate.frame)
     <run>/local/<skey>.<ext>     generated local (hand crop) image, when the frame has a local mesh image
     <run>/samples/<skey>.json    per sample, written LAST: lists its images (``outputs``) and their sha256
-                                 (``outputs_sha256``); a sample is complete when this file parses and every
-                                 listed image matches its hash
+                                 (``outputs_sha256``), and holds each image's labels in its own pixel frame
+                                 (``image``, ``local_image``); a sample is complete when this file parses
+                                 and every listed image matches its hash
 
 Export reads a generate run only through :func:`read_run` and :func:`read_output`.
 """

@@ -39,8 +39,9 @@ SEED_RULE = ("noise seed of sample i: numpy SeedSequence(entropy=recipe.seed, sp
 @dataclass(frozen=True)
 class FrameInput:
     """One input frame: its key, hand configuration ("right" | "left" | "both"; None when unknown), the
-    global mesh image, the optional local mesh image, and (modalities) its own prompt text. ``mesh_ref`` /
-    ``local_ref`` are the image paths as recorded in sample files (relative to the render run)."""
+    global mesh image, the optional local mesh image, (modalities) its own prompt text, and (render runs)
+    its render label file, which decides the generated frame. ``mesh_ref`` / ``local_ref`` are the image
+    paths as recorded in sample files (relative to the render run)."""
 
     key: str
     mesh: Path
@@ -49,6 +50,7 @@ class FrameInput:
     local: Path | None = None
     local_ref: str | None = None
     text: str | None = None
+    label: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def hand_config(sides: list[str]) -> str | None:
 
 
 class Plan:
-    """Maps a sample index to its :class:`SampleSpec`. ``tokenizer`` is the pipeline's (fast) CLIP tokenizer."""
+    """Maps a sample index to its :class:`SampleSpec`. ``tokenizer`` is the pipeline's (fast) CLIP tokenizer
+    (None when only :meth:`key` and :meth:`prompt` are used, as ``handsynth prompts --no-tokens`` does)."""
 
     def __init__(self, recipe, frames: list[FrameInput], tokenizer):
         if not frames:
@@ -105,13 +108,15 @@ class Plan:
         """The sample key of ``index`` (cheap: no prompt sampling)."""
         return sample_key(self.frames[index % len(self.frames)].key, index // len(self.frames))
 
+    def prompt(self, index: int) -> Prompt:
+        """The prompt of sample ``index`` (its frame's own text, or the recipe's for the frame's hands)."""
+        frame = self.frames[index % len(self.frames)]
+        return free_text_prompt(frame.text) if frame.text is not None else self.sampler(index, frame.hands)
+
     def __call__(self, index: int) -> SampleSpec:
         frame = self.frames[index % len(self.frames)]
         variant = index // len(self.frames)
-        if frame.text is not None:
-            prompt = free_text_prompt(frame.text)
-        else:
-            prompt = self.sampler(index, frame.hands)
+        prompt = self.prompt(index)
         tokens = hand_token_indices(self.tokenizer, prompt.text, prompt.hand_spans)
         return SampleSpec(index=index, frame=frame, variant=variant, key=sample_key(frame.key, variant),
                           prompt=prompt, token_indices=tokens, seed=noise_seed(self.recipe.seed, index),
@@ -121,9 +126,12 @@ class Plan:
 # --- finding and reading inputs --------------------------------------------------------------
 
 
-def read_render_run(run: Path) -> Inputs:
-    """The frames of a render run; InputError when it is missing, not a render run, or has no frames."""
+def read_render_run(run: Path, condition: str = "mesh") -> Inputs:
+    """The frames of a render run with their ``condition`` images ("mesh" or "depth", see
+    ``render.layout.STYLE_IMAGES``); InputError when it is missing, not a render run, has no frames, or
+    was rendered without that style."""
     run = Path(run)
+    global_name, local_name = render_layout.STYLE_IMAGES[condition]
     manifest = render_layout.read_manifest(run)
     jsonl = render_layout.jsonl_path(run)
     if not jsonl.is_file():
@@ -134,15 +142,22 @@ def read_render_run(run: Path) -> Inputs:
         if not line.strip():
             continue
         try:
-            key, mesh, local, sides = _label_line(line)
+            key, images, sides = _label_line(line)
         except ValueError as exc:
             raise InputError(f"line {number} is not a render label: {exc}", where=jsonl,
                              fix="rerun `handsynth render` into a new --out") from None
-        if not render_layout.label_path(run, key).is_file():
+        mesh, local = images.get(global_name), images.get(local_name)
+        if mesh is None:
+            raise InputError(f"the render run has no {condition} images (frame {key} has "
+                             f"{', '.join(sorted(images))}), but the recipe's model.condition is {condition}",
+                             where=jsonl, fix=f"render with `--style mesh,depth` (or `--style {condition}`) into a "
+                                              "new --out, or set model.condition to the style the run has")
+        label = render_layout.label_path(run, key)
+        if not label.is_file():
             continue
         local_path = run / local if local and (run / local).is_file() else None
         frames.append(FrameInput(key=key, mesh=run / mesh, mesh_ref=mesh, hands=hand_config(sides),
-                                 local=local_path, local_ref=local if local_path else None))
+                                 local=local_path, local_ref=local if local_path else None, label=label))
     if not frames:
         raise InputError("the render run has no rendered frames", where=run,
                          fix="render labels with at least one visible hand (`handsynth render --labels ...`)")
@@ -152,28 +167,26 @@ def read_render_run(run: Path) -> Inputs:
         console.print(f"[yellow]warning:[/yellow] the render run {run} is not complete: it "
                       f"{rundir.describe_status(run, manifest)}); using its {len(frames)} finished frames")
     return Inputs(kind="run", path=run.resolve(), frames=frames, sha256=io.sha256_file(jsonl),
-                  record={"run": str(run.resolve()), "manifest_sha256": io.sha256_file(run / rundir.MANIFEST),
+                  record={"run": str(run.resolve()), "condition": condition,
+                          "manifest_sha256": io.sha256_file(run / rundir.MANIFEST),
                           "labels_jsonl_sha256": io.sha256_file(jsonl), "frames": len(frames)})
 
 
-def _label_line(line: str) -> tuple[str, str, str | None, list[str]]:
-    """(key, global mesh image, local mesh image or None, hand sides) of one ``labels.jsonl`` line;
-    ValueError saying what is wrong when the line is no render label."""
+def _label_line(line: str) -> tuple[str, dict[str, str], list[str]]:
+    """(key, images by name, hand sides) of one ``labels.jsonl`` line; ValueError saying what is wrong when
+    the line is no render label."""
     label = json.loads(line)
     if not isinstance(label, dict):
         raise ValueError("not a JSON object")
     key, images, hands = label.get("key"), label.get("images"), label.get("hands")
     if not isinstance(key, str) or not is_valid_key(key):
         raise ValueError(f"field 'key' is not a sample key: {key!r}")
-    if not isinstance(images, dict) or not isinstance(images.get("global"), str):
-        raise ValueError("field 'images' has no 'global' image path")
-    local = images.get("local")
-    if local is not None and not isinstance(local, str):
-        raise ValueError("field 'images.local' is not a path")
+    if not isinstance(images, dict) or not images or not all(isinstance(v, str) for v in images.values()):
+        raise ValueError("field 'images' is not a mapping of image names to paths")
     if not isinstance(hands, list) or not all(isinstance(h, dict) and h.get("side") in ("right", "left")
                                               for h in hands):
         raise ValueError("field 'hands' is not a list of hands with side 'right' or 'left'")
-    return key, images["global"], local, [h["side"] for h in hands]
+    return key, images, [h["side"] for h in hands]
 
 
 def read_modalities_inputs(path: Path, root: Path | None) -> Inputs:
@@ -190,10 +203,11 @@ def read_modalities_inputs(path: Path, root: Path | None) -> Inputs:
 def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
     """The inputs: ``run`` (from --run) if given, else the recipe's, else the newest render run under
     ./runs/. Returns them and a note saying which default was used (None when none was)."""
+    condition = recipe.model.condition
     if run is not None:
-        return read_render_run(run), None
+        return read_render_run(run, condition), None
     if recipe.inputs is not None and recipe.inputs.run is not None:
-        return read_render_run(recipe.inputs.run), None
+        return read_render_run(recipe.inputs.run, condition), None
     if recipe.inputs is not None and recipe.inputs.modalities is not None:
         return read_modalities_inputs(recipe.inputs.modalities, recipe.inputs.root), None
     newest = rundir.newest_run(render_layout.STAGE)
@@ -202,4 +216,4 @@ def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
                          "no render run", where=recipe.path,
                          fix="run `handsynth render --labels ...` first, pass --run <render run>, or set inputs.run "
                              "in the recipe")
-    return read_render_run(newest), f"newest render run under runs/: {newest}"
+    return read_render_run(newest, condition), f"newest render run under runs/: {newest}"

@@ -22,7 +22,6 @@ import io as _io
 import json
 import time
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from handsynth import io, rundir
 from handsynth.console import progress
 from handsynth.errors import InputError
 from handsynth.generate import layout
+from handsynth.generate.frame import SampleFrames, resample, sample_frames
 from handsynth.generate.plan import SEED_RULE, Inputs, Plan, SampleSpec
 
 STAGE = layout.STAGE
@@ -47,11 +47,14 @@ class Summary:
 
 
 def guidance_files(guidance: str) -> dict[str, str] | None:
-    """sha256 of each .safetensors file of a local guidance folder (None for a hub id)."""
-    folder = Path(guidance).expanduser()
-    if not folder.is_dir():
+    """sha256 of a local guidance file, or of each .safetensors file of a local guidance folder (None for a
+    hub id or ``none``)."""
+    path = Path(guidance).expanduser()
+    if path.is_file():
+        return {path.name: io.sha256_file(path)}
+    if not path.is_dir():
         return None
-    return {str(p.relative_to(folder)): io.sha256_file(p) for p in sorted(folder.rglob("*.safetensors"))}
+    return {str(p.relative_to(path)): io.sha256_file(p) for p in sorted(path.rglob("*.safetensors"))}
 
 
 def _digest(obj: Any) -> str:
@@ -103,6 +106,16 @@ def _open_rgb(path: Path):
                          fix="rerun the stage that wrote it (e.g. `handsynth render` into a new --out)") from None
 
 
+@dataclass
+class _Prepared:
+    """One sample ready for the pipeline: its frames and its mesh images cut to them."""
+
+    spec: SampleSpec
+    frames: SampleFrames
+    mesh: Any
+    local_mesh: Any | None
+
+
 class Runner:
     """Generates samples with one loaded pipeline; see the module docstring for the files it writes."""
 
@@ -114,33 +127,72 @@ class Runner:
         self.ext = recipe.image.format
 
     def generate(self, specs: list[SampleSpec], write: set[int] | None = None) -> None:
-        """Generate one batch (frames with and without a local mesh image run apart), then write the
-        samples whose index is in ``write`` (default: all)."""
-        for has_local, group in groupby(specs, key=lambda s: s.frame.local is not None):
-            self._generate_group(list(group), has_local, write)
+        """Generate one batch, then write the samples whose index is in ``write`` (default: all). Samples
+        run together when they share the generated size and whether they have a local image (frames of
+        other aspects run apart)."""
+        groups: dict[tuple[bool, tuple[int, int]], list[_Prepared]] = {}
+        for spec in specs:
+            item = self._prepare(spec)
+            groups.setdefault((item.local_mesh is not None, item.frames.image.size), []).append(item)
+        for (has_local, size), group in groups.items():
+            self._generate_group(group, has_local, size, write)
 
-    def _generate_group(self, specs: list[SampleSpec], has_local: bool, write: set[int] | None) -> None:
+    def _prepare(self, spec: SampleSpec) -> _Prepared:
+        """The sample's frames (from its render label and recipe image.fit/size) and its mesh images cut and
+        resampled onto them - what the model is conditioned on."""
+        mesh = _open_rgb(spec.frame.mesh)
+        label = io.read_json(spec.frame.label, what="render label") if spec.frame.label is not None else None
+        try:
+            frames = sample_frames(label, self.recipe.image.fit, self.recipe.image.size, mesh.size,
+                                   local=spec.frame.local is not None)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise InputError(f"the render label lacks a field generate needs or has a malformed one "
+                             f"({type(exc).__name__}: {exc})", where=spec.frame.label,
+                             fix="rerun `handsynth render` into a new --out") from None
+        if label is not None and list(mesh.size) != list(label["image_size"]):
+            raise InputError(f"the mesh image is {mesh.size[0]}x{mesh.size[1]} but its render label says the "
+                             f"frame is {label['image_size']}", where=spec.frame.mesh,
+                             fix="rerun `handsynth render` into a new --out") from None
+        local = None
+        if frames.local_mesh is not None:
+            local = resample(_open_rgb(spec.frame.local), frames.local_mesh)
+        return _Prepared(spec, frames, resample(mesh, frames.image), local)
+
+    def _generate_group(self, items: list[_Prepared], has_local: bool, size: tuple[int, int],
+                        write: set[int] | None) -> None:
+        specs = [item.spec for item in items]
+        meshes = [item.mesh for item in items]
+        local_size = (self.recipe.image.size,) * 2
+        if has_local and size == local_size:        # one pass: both branches share a batch
+            result = self._call(specs, meshes, [s.seed for s in specs], size,
+                                [item.local_mesh for item in items], [s.local_seed for s in specs])
+            images, locals_ = result.images, result.local_images
+        else:                                       # the branches differ in size: one pass each
+            images = self._call(specs, meshes, [s.seed for s in specs], size).images
+            locals_ = self._call(specs, [item.local_mesh for item in items], [s.local_seed for s in specs],
+                                 local_size).images if has_local else None
+        for n, item in enumerate(items):
+            if write is None or item.spec.index in write:
+                self._write(item, images[n], locals_[n] if has_local else None)
+
+    def _call(self, specs: list[SampleSpec], meshes: list, seeds: list[int], size: tuple[int, int],
+              local_meshes: list | None = None, local_seeds: list[int] | None = None):
         import torch
 
-        sampler, size = self.recipe.sampler, self.recipe.image.size
-        result = self.pipe(
-            prompt=[s.prompt.text for s in specs],
-            mesh_image=[_open_rgb(s.frame.mesh) for s in specs],
-            local_mesh_image=[_open_rgb(s.frame.local) for s in specs] if has_local else None,
+        sampler = self.recipe.sampler
+        return self.pipe(
+            prompt=[s.prompt.text for s in specs], mesh_image=meshes, local_mesh_image=local_meshes,
             hand_token_indices=[s.token_indices for s in specs],
-            generator=[torch.Generator(self.device).manual_seed(s.seed) for s in specs],
-            local_generator=[torch.Generator(self.device).manual_seed(s.local_seed) for s in specs]
-            if has_local else None,
+            generator=[torch.Generator(self.device).manual_seed(seed) for seed in seeds],
+            local_generator=[torch.Generator(self.device).manual_seed(seed) for seed in local_seeds]
+            if local_seeds is not None else None,
             num_inference_steps=sampler.steps, guidance_scale=sampler.guidance_scale,
             controlnet_conditioning_scale=sampler.control_scale, eta=sampler.eta,
-            negative_prompt=sampler.negative_prompt, tas=self.tas, height=size, width=size, output_type="pil")
-        for n, spec in enumerate(specs):
-            if write is None or spec.index in write:
-                local = result.local_images[n] if has_local else None
-                self._write(spec, result.images[n], local)
+            negative_prompt=sampler.negative_prompt, tas=self.tas, width=size[0], height=size[1],
+            output_type="pil")
 
-    def _write(self, spec: SampleSpec, image, local_image) -> None:
-        quality = self.recipe.image.quality
+    def _write(self, item: _Prepared, image, local_image) -> None:
+        spec, quality = item.spec, self.recipe.image.quality
         encoded = {"image": encode_image(image, self.ext, quality)}
         if local_image is not None:
             encoded["local"] = encode_image(local_image, self.ext, quality)
@@ -157,7 +209,10 @@ class Runner:
             "seed": spec.seed, "local_seed": spec.local_seed if local_image is not None else None,
             "mesh": mesh, "outputs": outputs,
             "outputs_sha256": {name: hashlib.sha256(data).hexdigest() for name, data in encoded.items()},
+            "image": item.frames.image_block,
         }
+        if local_image is not None:
+            record["local_image"] = item.frames.local_block
         io.write_json_atomic(layout.sample_path(self.out, spec.key), record)
 
 

@@ -18,11 +18,12 @@ __all__ = ["FORMATS", "Camera", "Frame", "Hand", "LabelSet", "detect_format", "r
 
 
 def read_labels(path: str | Path, format: str | None = None, *,
-                limit: int | None = None) -> LabelSet:
+                limit: int | None = None, companions: dict[str, Path] | None = None) -> LabelSet:
     """Read the labels at ``path`` (any file of a multi-file set) into Frames, in source order.
 
-    ``limit`` keeps the first ``limit`` usable frames. Raises InputError on unreadable,
-    malformed or inconsistent input, naming the file, record and field.
+    ``limit`` keeps the first ``limit`` usable frames. ``companions`` ({"camera" | "mano" | "joint_3d":
+    file}) names the other files of an InterHand2.6M set when their names do not follow the set's.
+    Raises InputError on unreadable, malformed or inconsistent input, naming the file, record and field.
     """
     path = Path(path)
     if format is not None:
@@ -38,9 +39,14 @@ def read_labels(path: str | Path, format: str | None = None, *,
     if fmt is None:
         raise undetectable(path)
     role = found.role if found.format == fmt else None
+    companions = {r: Path(p) for r, p in (companions or {}).items() if p is not None}
+    if companions and fmt != "interhand26m":
+        from handsynth.labels.interhand import OPTIONS
+        raise InputError(f"{', '.join(OPTIONS[r] for r in companions)} only apply to InterHand2.6M file sets, "
+                         f"and the labels are {fmt}", where=path, fix="leave those options out")
     if fmt == "interhand26m":
         from handsynth.labels import interhand
-        return interhand.read(path, found.doc, role, limit=limit)
+        return interhand.read(path, found.doc, role, limit=limit, companions=companions)
     if fmt == "coco-neuralannot":
         from handsynth.labels import coco
         return coco.read(path, found.doc, role, limit=limit)

@@ -8,7 +8,11 @@ MANO outputs metres. One Frame per image record (one capture, frame and camera).
 The user may name any file of the set; the others are found beside it by name, for both the
 official naming ``InterHand2.6M_{split}_{kind}.json`` and excerpts such as
 ``test_interhand2.6m_{kind}.json`` (the prefix is the file name without its ``_{kind}.json``
-suffix, compared case-insensitively).
+suffix, compared case-insensitively). A data file without the ``_data`` suffix, ``X.json``, is the
+set ``X`` too: ``X_camera.json``, ``X_MANO_NeuralAnnot.json`` and ``X_joint_3d.json`` are found
+beside it (and ``X.json`` is the data file of a set named through one of those). Any other naming
+is given file by file (``companions``: the render command's ``--camera``, ``--mano-params``,
+``--joints-3d``).
 """
 
 from __future__ import annotations
@@ -52,21 +56,38 @@ def split_name(path: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def sibling(path: Path, role: str) -> Path | None:
-    """The file of ``role`` in the same set as ``path``, found by name (None when absent)."""
+# role -> the render command's option that names that file explicitly
+OPTIONS = {"camera": "--camera", "mano": "--mano-params", "joint_3d": "--joints-3d"}
+
+
+def set_prefix(path: Path, role: str | None = None) -> str | None:
+    """The set's name prefix: the file name less its ``_{kind}.json`` suffix, or, for the data file
+    (``role`` "data") without one, its stem (``interhand.json`` -> ``interhand``)."""
     prefix, _ = split_name(path)
+    if prefix is None and role == "data":
+        return path.stem
+    return prefix
+
+
+def sibling(path: Path, role: str, own_role: str | None = None) -> Path | None:
+    """The file of ``role`` in the same set as ``path`` (whose own role is ``own_role`` when known),
+    found by name (None when absent). The data file may also be ``<prefix>.json``."""
+    prefix = set_prefix(path, own_role)
     if prefix is None:
         return None
-    return find_file_ci(path.parent, prefix + KINDS[role][0])
+    names = [prefix + KINDS[role][0]] + ([prefix + ".json"] if role == "data" else [])
+    return next((found for name in names if (found := find_file_ci(path.parent, name)) is not None), None)
 
 
 def has_sibling_camera(path: Path) -> bool:
-    return sibling(path, "camera") is not None
+    return sibling(path, "camera", "data") is not None
 
 
-def read(path: Path, doc: Any, role: str | None, *, limit: int | None = None) -> LabelSet:
+def read(path: Path, doc: Any, role: str | None, *, limit: int | None = None,
+         companions: dict[str, Path] | None = None) -> LabelSet:
     """Read the file set ``path`` belongs to; ``doc`` is ``path``'s parsed JSON, ``role`` its
-    role when the content told it (else the file name decides)."""
+    role when the content told it (else the file name decides). ``companions`` ({role: file}) names
+    other files of the set explicitly, for any naming."""
     if role is None:
         fmt, content_role = classify(doc)
         role = content_role if fmt == FORMAT else split_name(path)[1]
@@ -78,29 +99,46 @@ def read(path: Path, doc: Any, role: str | None, *, limit: int | None = None) ->
                 "..._MANO_NeuralAnnot.json) with its original name")
     files = {role: path}
     docs = {role: doc}
+    for other, found in (companions or {}).items():
+        files[other], docs[other] = found, _read_companion(found, other)
     for other, (_, _, required) in KINDS.items():
-        if other == role:
+        if other in files:
             continue
-        found = sibling(path, other)
+        found = sibling(path, other, role)
         if found is None and required:
-            raise _missing_sibling(path, other)
+            raise _missing_sibling(path, role, other)
         if found is not None:
             files[other] = found
             docs[other] = read_json(found, what=f"InterHand2.6M {other} file")
     return _frames(files, docs, limit)
 
 
-def _missing_sibling(path: Path, role: str) -> InputError:
-    suffix, holds, _ = KINDS[role]
-    prefix, _ = split_name(path)
+def _read_companion(path: Path, role: str) -> Any:
+    """The parsed file given for ``role`` by its option; InputError when its content is another file of the set."""
+    option = OPTIONS[role]
+    if not path.is_file():
+        raise InputError(f"the file given with {option} does not exist", where=path, fix=f"check the {option} path")
+    doc = read_json(path, what=f"InterHand2.6M {role} file")
+    fmt, found = classify(doc)
+    if fmt == FORMAT and found is not None and found != role:
+        raise InputError(f"the file given with {option} holds InterHand2.6M {found} records, not {role} records",
+                         where=path, fix=f"pass the set's {KINDS[role][0].removeprefix('_')} file with {option}")
+    return doc
+
+
+def _missing_sibling(path: Path, role: str, missing: str) -> InputError:
+    suffix, holds, _ = KINDS[missing]
+    prefix = set_prefix(path, role)
+    option = OPTIONS.get(missing)
+    name_it = f" or name it with {option} FILE" if option else " or pass the set's data file as --labels"
     if prefix is None:
         expected = f"a file named <prefix>{suffix} next to {path.name}"
         fix = ("keep the set's original file names (e.g. InterHand2.6M_train_data.json, "
-               f"InterHand2.6M_train_camera.json, ...) so that the {role} file is found")
+               f"InterHand2.6M_train_camera.json, ...) so that the {missing} file is found,{name_it}")
     else:
         expected = str(path.parent / (prefix + suffix))
-        fix = f"put the set's {suffix} file there (InterHand2.6M ships it with the annotations)"
-    return InputError(f"the InterHand2.6M {role} file, which holds {holds}, is missing: "
+        fix = f"put the set's {suffix} file there (InterHand2.6M ships it with the annotations),{name_it}"
+    return InputError(f"the InterHand2.6M {missing} file, which holds {holds}, is missing: "
                       f"expected {expected}", where=path, fix=fix)
 
 

@@ -8,9 +8,10 @@ input paths raise :class:`~handsynth.errors.InputError` naming the recipe file, 
 (e.g. ``sampler.steps``), its line and a fix.
 
 Paths: relative paths written in a recipe (``inputs.*``, ``output``) resolve against the recipe
-file's folder. ``model.base`` / ``model.guidance`` are kept as written (a hub id or a path relative to
-the working directory) unless a folder of that name exists beside the recipe. The default output
-folder, ``runs/<recipe stem>-gen``, is relative to the working directory.
+file's folder. ``model.base`` / ``model.guidance`` (see :func:`resolve_model_path`) are looked up beside
+the recipe, then in the working directory; a name found in neither stays as written (a hub id, or a
+missing path that loading reports). The default output folder, ``runs/<recipe stem>-gen``, is relative
+to the working directory.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from handsynth.hub import DEFAULT_BASE_MODEL
+from handsynth.hub import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE
 from handsynth.errors import InputError
 from handsynth.keys import sanitize
 from handsynth.prompts.templates import HAND_CONFIGS, parse_marked, placeholder_names
 
-EXAMPLE = "recipes/outdoor.yaml"
+EXAMPLE = "outdoor.yaml (`handsynth recipes copy outdoor`)"
 
 
 class _Strict(BaseModel):
@@ -58,8 +59,13 @@ class Inputs(_Strict):
 
 
 class ModelConfig(_Strict):
+    """``guidance``: AttentionHand's converted folder (or its controlnet/), any SD1.5 ControlNet folder or hub
+    id, an original-format .safetensors ControlNet file, or ``none``; ``condition``: which render images
+    feed it (``mesh``: global/ + local/, ``depth``: depth_global/ + depth_local/)."""
+
     base: str = DEFAULT_BASE_MODEL
-    guidance: str = "models/attentionhand"
+    guidance: str = DEFAULT_GUIDANCE
+    condition: Literal["mesh", "depth"] = "mesh"
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
 
 
@@ -94,7 +100,12 @@ class TASSettings(_Strict):
 
 
 class ImageConfig(_Strict):
+    """``size``: the generated side (``native``: the long side); ``fit``: how each source frame becomes the
+    generated frame - ``crop`` a square about the hands, ``native`` the whole frame at its aspect,
+    ``stretch`` the whole frame squashed into a square (distorts; see handsynth.generate.frame)."""
+
     size: int = Field(512, ge=64, le=2048, multiple_of=8)
+    fit: Literal["crop", "native", "stretch"] = "crop"
     format: Literal["jpg", "png"] = "jpg"
     quality: int = Field(95, ge=1, le=100)
 
@@ -251,14 +262,24 @@ def _error_from_pydantic(path: Path, root: yaml.Node | None, err: dict, n_errors
                                                          "shows every field with its default)")
 
 
+# Most nodes a recipe may have once its aliases are expanded (the shipped recipes have about 2,000). YAML
+# aliases make a graph whose expansion can grow exponentially with the file ("billion laughs": 400 bytes
+# that expand to 10^10 nodes); every later step - duplicate-key check, validation - walks the expansion.
+MAX_EXPANDED_NODES = 100_000
+
+
 def _compose(path: Path, text: str) -> tuple[Any, yaml.Node | None]:
     """Parse YAML safely, returning the data and its node tree (for line numbers)."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is not None:
+            _check_expanded_size(path, node)
             _check_duplicate_keys(path, node)
         data = loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise InputError("the recipe nests too deeply to read", where=path,
+                         fix="a recipe needs only a few levels of nesting: check for runaway brackets") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark is not None else ""
@@ -268,6 +289,39 @@ def _compose(path: Path, text: str) -> tuple[Any, yaml.Node | None]:
     finally:
         loader.dispose()
     return data, node
+
+
+def _check_expanded_size(path: Path, root: yaml.Node) -> None:
+    """InputError when ``root`` expands (aliases followed) to more than MAX_EXPANDED_NODES nodes, or when an
+    alias refers to a node that contains it. Each distinct node is counted once, so this takes time linear in
+    the file, not in the expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise InputError("an alias (*name) refers to the anchor (&name) of a node that contains it",
+                             where=f"{path}, line {node.start_mark.line + 1}",
+                             fix="remove the self-reference: recipes cannot be recursive")
+        open_nodes.add(id(node))
+        children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                break
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    if size(root) > MAX_EXPANDED_NODES:
+        raise InputError(f"the recipe expands to more than {MAX_EXPANDED_NODES:,} values once its aliases "
+                         "(*name) are followed", where=path,
+                         fix="write the values out, or use fewer nested aliases (an alias of an alias of "
+                             "... multiplies the recipe's size at each level)")
 
 
 def _check_duplicate_keys(path: Path, node: yaml.Node, trail: tuple = ()) -> None:
@@ -328,25 +382,34 @@ def _check_prompts(path: Path, root: yaml.Node | None, prompts: PromptsConfig) -
                         f"{', '.join(sorted(prompts.slots)) or 'none'})")
 
 
-def check_tas_resolution(recipe: Recipe, latent_factor: int) -> None:
-    """TAS records cross-attention at ``attention_res`` rows: it must divide the latent size
-    (image.size / ``latent_factor``, the loaded model's VAE factor: 8 for SD1.5). Checked at generate
-    time, when the model is loaded; raises InputError naming the recipe file and ``tas.attention_res``."""
+def check_tas_resolution(recipe: Recipe, latent_factor: int, resolutions: list[int] | None = None) -> None:
+    """TAS records cross-attention at ``attention_res`` along the longer side: it must divide the latent size
+    (image.size / ``latent_factor``, the loaded model's VAE factor: 8 for SD1.5) and, given the model's
+    cross-attention map sides at that size (``resolutions``), be one of them. Checked at generate time, when
+    the model is loaded; raises InputError naming the recipe file and ``tas.attention_res``."""
     tas, latent = recipe.tas, recipe.image.size // latent_factor
-    if not tas.enabled or tas.max_steps == 0 or (recipe.image.size % latent_factor == 0
-                                                 and latent % tas.attention_res == 0):
+    if not tas.enabled or tas.max_steps == 0:
+        return
+    divides = recipe.image.size % latent_factor == 0 and latent % tas.attention_res == 0
+    if divides and (resolutions is None or tas.attention_res in resolutions):
         return
     where = f"{recipe.path or 'recipe'}, field tas.attention_res"
     if recipe.path is not None and "attention_res" in recipe.tas.model_fields_set:
         _, root = _compose(recipe.path, recipe.path.read_text(encoding="utf-8"))
         where = _where(recipe.path, root, ("tas", "attention_res"))
-    usable = [latent // f for f in (4, 2, 8) if latent % f == 0]
+    if not divides:
+        usable = [latent // f for f in (4, 2, 8) if latent % f == 0]
+        raise InputError(
+            f"tas.attention_res {tas.attention_res} does not divide the latent size {latent} (image.size "
+            f"{recipe.image.size} / the model's VAE factor {latent_factor}), so no cross-attention layer has that "
+            "resolution", where=where,
+            fix=(f"set tas.attention_res to {usable[0]} (a quarter of the latent size, SD1.5's 16 at 512) or "
+                 if usable else "") + f"choose an image.size that is a multiple of {16 * latent_factor}")
     raise InputError(
-        f"tas.attention_res {tas.attention_res} does not divide the latent size {latent} (image.size "
-        f"{recipe.image.size} / the model's VAE factor {latent_factor}), so no cross-attention layer has that "
-        "resolution", where=where,
-        fix=(f"set tas.attention_res to {usable[0]} (a quarter of the latent size, SD1.5's 16 at 512) or "
-             if usable else "") + f"choose an image.size that is a multiple of {16 * latent_factor}")
+        f"the model has no cross-attention layer with {tas.attention_res}x{tas.attention_res} maps at image.size "
+        f"{recipe.image.size} (its layers' maps: {', '.join(f'{r}x{r}' for r in resolutions) or 'none'})",
+        where=where, fix=f"set tas.attention_res to one of {', '.join(map(str, resolutions))}" if resolutions
+        else "turn TAS off (tas.enabled: false): this model has no cross-attention")
 
 
 def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
@@ -379,13 +442,24 @@ def _resolve(recipe: Recipe, root: yaml.Node | None, path: Path) -> None:
     elif not recipe.output.expanduser().is_absolute():
         recipe.output = folder / recipe.output
     for name in ("base", "guidance"):
-        value = getattr(recipe.model, name)
-        if not Path(value).expanduser().is_absolute() and (folder / value).exists():
-            setattr(recipe.model, name, str(folder / value))
+        setattr(recipe.model, name, resolve_model_path(getattr(recipe.model, name), folder))
     if recipe.prompts is None and (inputs is None or inputs.modalities is None):
         raise InputError("the recipe has no 'prompts' section", where=_where(path, root, ()),
                          fix=f"add prompts.templates and prompts.slots (copy them from {EXAMPLE}); only recipes "
                              "whose inputs are a modalities file, which carries its own prompts, may leave it out")
+
+
+def resolve_model_path(value: str, recipe_folder: Path) -> str:
+    """``model.base`` / ``model.guidance`` as loading should see it: ``none`` and absolute paths as written; a
+    relative path that exists beside the recipe, else in the working directory, as that absolute path;
+    anything else as written (a hub id such as owner/name, or a path that loading reports as missing)."""
+    path = Path(value).expanduser()
+    if value.strip().lower() == "none" or path.is_absolute():
+        return value
+    for folder in (recipe_folder, Path.cwd()):
+        if (folder / path).exists():
+            return str((folder / path).resolve())
+    return value
 
 
 M = typing.TypeVar("M", bound=BaseModel)
@@ -394,14 +468,24 @@ M = typing.TypeVar("M", bound=BaseModel)
 def load_yaml_model(path: str | Path, schema: type[M], *, example: str) -> tuple[M, Path, yaml.Node | None]:
     """Read a YAML recipe file safely and validate it against the pydantic ``schema``.
 
+    A bare name (``outdoor.yaml``, ``outdoor``) naming no file here is the shipped recipe of that name
+    (see :mod:`handsynth.prompts.library`); a note on stderr says which file was used.
     Returns the model, the path read and the YAML node tree (for line numbers in later checks).
     Raises InputError naming the file, the field path, its line and a fix (``example`` names the
     commented recipe to copy from). Every recipe kind (generation, augmentation) loads through here.
     """
-    path = Path(path).expanduser()
+    from handsynth.prompts.library import find_recipe, shipped_names
+
+    path, shipped = find_recipe(path)
+    if shipped:
+        from handsynth.console import console
+
+        console.print(f"[dim]using the shipped recipe {path} (copy it out for editing with `handsynth recipes "
+                      f"copy {path.stem}`)[/dim]", soft_wrap=True)
     if not path.is_file():
         raise InputError(f"recipe file '{path}' not found", where=path,
-                         fix=f"pass the path of a recipe YAML file, e.g. {example}")
+                         fix=f"pass the path of a recipe YAML file (e.g. {example}), or the name of a shipped "
+                             f"recipe ({shipped_names()}; `handsynth recipes` lists them)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

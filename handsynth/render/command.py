@@ -18,8 +18,9 @@ def default_out(labels: Path) -> Path:
 
 def render(
     labels: Annotated[Path, typer.Option(
-        help="Label file: InterHand2.6M (any file of the _data/_camera/_MANO_NeuralAnnot set), "
-             "MSCOCO NeuralAnnot MANO fits, or handsynth JSON Lines.", show_default=False)],
+        help="Label file: InterHand2.6M (any file of the _data/_camera/_MANO_NeuralAnnot set, or a data file "
+             "X.json with X_camera.json, X_MANO_NeuralAnnot.json, X_joint_3d.json beside it), MSCOCO "
+             "NeuralAnnot MANO fits, handsynth JSON Lines, or a render run's labels.jsonl.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option(
         help="Run directory to write (default: runs/<labels file name>). Rerunning the same command "
              "into it resumes: finished frames are kept, the rest are rendered.")] = None,
@@ -30,11 +31,23 @@ def render(
         envvar="HANDSYNTH_MANO_DIR",
         help="Folder with MANO_RIGHT.pkl and MANO_LEFT.pkl (or a mano/ subfolder holding them); "
              "from mano.is.tue.mpg.de.")] = None,
+    camera: Annotated[Optional[Path], typer.Option(
+        "--camera", help="InterHand2.6M camera file, when its name does not follow the data file's "
+                         "(default: found beside --labels).", show_default=False)] = None,
+    mano_params: Annotated[Optional[Path], typer.Option(
+        "--mano-params", help="InterHand2.6M MANO_NeuralAnnot file, when its name does not follow the data "
+                              "file's (default: found beside --labels).", show_default=False)] = None,
+    joints_3d: Annotated[Optional[Path], typer.Option(
+        "--joints-3d", help="InterHand2.6M joint_3d file (optional), when its name does not follow the data "
+                            "file's (default: found beside --labels).", show_default=False)] = None,
     limit: Annotated[Optional[int], typer.Option(min=0, help="Render only the first N frames.")] = None,
     workers: Annotated[int, typer.Option(
         min=1, help="Worker processes, each with its own renderer; output does not depend on it.")] = 1,
     style: Annotated[str, typer.Option(
-        help="Mesh image style: 'mesh' (AttentionHand's near-white shaded mesh on black) or 'depth'.")] = "mesh",
+        help="Condition image style(s): 'mesh' (AttentionHand's near-white shaded mesh on black, global/ and "
+             "local/), 'depth' (depth-ControlNet convention: relative inverse depth, near bright, far dark, "
+             "background black, normalised per image; depth_global/ and depth_local/), or 'mesh,depth' for "
+             "both from one render with one set of labels.")] = "mesh",
     local_size: Annotated[int, typer.Option(
         help="Side in pixels of the local (hand crop) images.")] = 512,
 ) -> None:
@@ -50,7 +63,8 @@ def render(
         out = default_out(labels)
         print_defaults({"--out": out})
     summary = render_run(labels, out, format=format, mano_dir=mano_dir, limit=limit, workers=workers,
-                         style=style, local_size=local_size)
+                         style=style, local_size=local_size,
+                         companions={"camera": camera, "mano": mano_params, "joint_3d": joints_3d})
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary.skipped.items()) or "none"
     hands = ", ".join(f"{n} {reason}" for reason, n in summary.skipped_hands.items())
     stdout.print(

@@ -5,6 +5,8 @@ Run directory::
     <run>/manifest.json        stage "render": command, inputs + sha256, MANO hashes, settings, counts, status
     <run>/global/<key>.png     mesh image at the source image size
     <run>/local/<key>.png      local_size x local_size mesh image through the crop box's intrinsics
+    <run>/depth_global/<key>.png, depth_local/<key>.png   the same two views as depth images
+                               (``--style depth`` or ``mesh,depth``; a depth-only run has no global/, local/)
     <run>/rgb_local/<key>.jpg  the same crop of the source RGB (only when the source image exists)
     <run>/labels/<key>.json    per frame, written LAST: lists the frame's images (``images``) and their
                                sha256 (``images_sha256``); a frame is complete when its label parses and
@@ -26,9 +28,12 @@ from handsynth import io, rundir
 from handsynth.errors import InputError
 
 STAGE = "render"
-SUBDIRS = ("global", "local", "rgb_local", "labels")
+SUBDIRS = ("global", "local", "depth_global", "depth_local", "rgb_local", "labels")
 JSONL = "labels.jsonl"
-IMAGE_NAMES = {"global": "global/{key}.png", "local": "local/{key}.png", "rgb_local": "rgb_local/{key}.jpg"}
+IMAGE_NAMES = {"global": "global/{key}.png", "local": "local/{key}.png", "depth_global": "depth_global/{key}.png",
+               "depth_local": "depth_local/{key}.png", "rgb_local": "rgb_local/{key}.jpg"}
+#: The images of each render style (= ``model.condition``): (global view, local view).
+STYLE_IMAGES = {"mesh": ("global", "local"), "depth": ("depth_global", "depth_local")}
 REDO = "rerun the same `handsynth render` command: it redoes frames whose files are damaged or missing"
 
 
@@ -37,7 +42,7 @@ def label_path(run: Path, key: str) -> Path:
 
 
 def image_ref(name: str, key: str) -> str:
-    """The run-relative path of a frame's image ``name`` ("global", "local" or "rgb_local")."""
+    """The run-relative path of a frame's image ``name`` (a key of :data:`IMAGE_NAMES`)."""
     return IMAGE_NAMES[name].format(key=key)
 
 

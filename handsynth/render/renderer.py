@@ -7,27 +7,36 @@ diag(1, -1, -1) - a rotation, which keeps face winding - and the principal point
 half a pixel. The camera sits at the scene origin; lights are fixed in camera space, so every
 hand is lit the same way wherever it is.
 
-Styles: "mesh" - a smooth-shaded near-white mesh (base colour (1.0, 1.0, 0.9)) on pure black, as
-in AttentionHand's mesh images; "depth" - grey levels from near (bright) to far (dim) over the
-meshes' own depth range, black background.
+Styles (one render gives both): "mesh" - ``Rendering.color``, a smooth-shaded near-white mesh (base
+colour (1.0, 1.0, 0.9)) on pure black, as in AttentionHand's mesh images; "depth" -
+:func:`depth_image` of ``Rendering.depth``, the convention depth ControlNets were trained on (MiDaS-style
+relative inverse depth: near bright, far dark, background black, normalised per image).
 
 One pyrender.OffscreenRenderer per process is created lazily and reused for every frame and
 every HandRenderer (pyrender's EGL teardown terminates the display, which would break any other
-live context, so the one context lives until the process exits); pyrender resizes its
-framebuffer when the viewport changes. Rendering is deterministic: the same input gives the
-same bytes on the same machine and driver.
+live context, so the one context lives until the process exits). pyrender keeps one framebuffer
+and re-creates it whenever the viewport size changes; rendering a global and a local view per
+frame would do that twice a frame, so the framebuffer of each of the first few sizes is kept and
+swapped back in (see _select_framebuffer). Each HandRenderer keeps one scene with its lights and
+camera, and swaps only the hand meshes per call. Rendering is deterministic: the same input gives
+the same bytes on the same machine and driver.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from handsynth.errors import MissingResourceError
 from handsynth.render.backend import configure_platform
 
 STYLES = ("mesh", "depth")
+# Depth style: grey level of the farthest mesh pixel of an image (the nearest is 255). Above 0 so that the
+# far side of a hand stays apart from the black (infinitely far) background.
+DEPTH_FAR_LEVEL = 64
 BASE_COLOR = (1.0, 1.0, 0.9, 1.0)
 ZNEAR, ZFAR = 0.01, 100.0                     # metres: hands are expected at 0.2-5 m
 AMBIENT = (0.3, 0.3, 0.3)
@@ -98,56 +107,82 @@ def _light_pose(direction: Sequence[float]) -> np.ndarray:
 class HandRenderer:
     """Renders several hand meshes, z-buffered together, through one or more pinhole views."""
 
-    def __init__(self, style: str = "mesh"):
-        if style not in STYLES:
-            raise ValueError(f"unknown render style {style!r}; known: {', '.join(STYLES)}")
-        self.style = style
-        configure_platform()
-        import pyrender
-
+    def __init__(self):
+        pyrender = _import_pyrender()
         self._pyrender = pyrender
         self._material = pyrender.MetallicRoughnessMaterial(
             metallicFactor=0.0, roughnessFactor=0.7, alphaMode="OPAQUE", baseColorFactor=BASE_COLOR)
+        # One scene for every call: the lights (added first, so they keep their order) and the camera stay,
+        # the meshes are replaced per call.
+        self._scene = _ordered_scene_class(pyrender)(bg_color=np.zeros(4), ambient_light=np.array(AMBIENT))
+        for direction, intensity in LIGHTS:
+            self._scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=intensity),
+                            pose=_light_pose(direction))
+        self._camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=ZNEAR, zfar=ZFAR)
+        self._scene.add(self._camera, pose=np.eye(4))
+        self._mesh_nodes: list = []
 
     def render(self, meshes: Sequence[Mesh], views: Sequence[View]) -> list[Rendering]:
         """Render ``meshes`` (camera-space vertices and faces) once per view, in the order given."""
         import trimesh
 
-        pyrender = self._pyrender
-        scene = _ordered_scene_class(pyrender)(bg_color=np.zeros(4), ambient_light=np.array(AMBIENT))
-        z_range = []
+        pyrender, scene = self._pyrender, self._scene
+        for node in self._mesh_nodes:
+            scene.remove_node(node)
+        self._mesh_nodes = []
         for vertices, faces in meshes:
             vertices = np.asarray(vertices, dtype=np.float64)
             faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
             tm = trimesh.Trimesh(vertices @ _CV_TO_GL.T, faces, process=False)
-            scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True))
-            z_range += [vertices[:, 2].min(), vertices[:, 2].max()]
-        for direction, intensity in LIGHTS:
-            scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=intensity),
-                      pose=_light_pose(direction))
+            self._mesh_nodes.append(scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True)))
         out = []
-        camera_node = None
         for view in views:
             (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
-            camera = pyrender.IntrinsicsCamera(fx, fy, cx + 0.5, cy + 0.5, znear=ZNEAR, zfar=ZFAR)
-            if camera_node is not None:
-                scene.remove_node(camera_node)
-            camera_node = scene.add(camera, pose=np.eye(4))
+            camera = self._camera
+            camera.fx, camera.fy, camera.cx, camera.cy = fx, fy, cx + 0.5, cy + 0.5
             color, depth = self._render_scene(scene, view.size)
-            if self.style == "depth":
-                color = _depth_image(depth, min(z_range, default=0.0), max(z_range, default=1.0))
             out.append(Rendering(color=color, depth=depth))
         return out
 
     def _render_scene(self, scene, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         offscreen = _offscreen(self._pyrender)
-        offscreen.viewport_width, offscreen.viewport_height = int(size[0]), int(size[1])
+        size = (int(size[0]), int(size[1]))
+        _select_framebuffer(offscreen, size)
+        offscreen.viewport_width, offscreen.viewport_height = size
         color, depth = offscreen.render(scene)
         return np.ascontiguousarray(color[..., :3], dtype=np.uint8), depth.astype(np.float32)
 
 
 _OFFSCREEN = None
 _SCENE_CLASS = None
+# pyrender.Renderer's framebuffer, as the attributes that hold it (pyrender 0.1.45, pinned in pyproject.toml).
+_FRAMEBUFFER_ATTRS = ("_main_fb", "_main_cb", "_main_db", "_main_fb_ms", "_main_cb_ms", "_main_db_ms",
+                      "_main_fb_dims")
+_NO_FRAMEBUFFER = (None,) * 6 + ((None, None),)
+MAX_KEPT_FRAMEBUFFERS = 4
+_KEPT_FRAMEBUFFERS: dict[tuple[int, int], tuple] = {}      # size -> framebuffer, not the one in use
+
+
+def _select_framebuffer(offscreen, size: tuple[int, int]) -> None:
+    """Put the framebuffer kept for ``size`` into pyrender's renderer, keeping the one in use for later.
+
+    pyrender re-creates its framebuffer whenever the viewport size changes (about 1/7 of a frame's
+    rendering time when it alternates between two sizes). Instead, the framebuffer of the size being
+    left is set aside, and the one of the size asked for is put back, or none, which pyrender then
+    creates. Up to MAX_KEPT_FRAMEBUFFERS sizes are set aside; past that pyrender deletes the one being
+    left as usual. Platforms without framebuffers (OSMesa) re-create their whole context on a size change
+    and are left alone.
+    """
+    renderer = offscreen._renderer
+    if not offscreen._platform.supports_framebuffers() or renderer._main_fb_dims == size:
+        return
+    if renderer._main_fb is not None:
+        if len(_KEPT_FRAMEBUFFERS) >= MAX_KEPT_FRAMEBUFFERS and size not in _KEPT_FRAMEBUFFERS:
+            return                                    # pyrender deletes it and creates one at the new size
+        _KEPT_FRAMEBUFFERS[renderer._main_fb_dims] = tuple(getattr(renderer, a) for a in _FRAMEBUFFER_ATTRS)
+    kept = _KEPT_FRAMEBUFFERS.pop(size, _NO_FRAMEBUFFER)
+    for attr, value in zip(_FRAMEBUFFER_ATTRS, kept):
+        setattr(renderer, attr, value)
 
 
 def _ordered_scene_class(pyrender):
@@ -156,14 +191,29 @@ def _ordered_scene_class(pyrender):
     pyrender keeps them in sets, which iterate in memory-address order that changes from run to
     run; the draw order of touching hands and the order in which the shader sums the lights would
     then change too, and with them a few pixels. Insertion order makes renders byte-identical.
+    Removed nodes are forgotten, so a scene whose meshes are replaced for every frame does not grow.
+    pyrender also forgets every node's cached path to the root whenever a node is added or removed;
+    in a tree that changes no other node's path, so the other paths are kept (no graph search per
+    light and camera on every frame).
     """
     global _SCENE_CLASS
     if _SCENE_CLASS is None:
         class OrderedScene(pyrender.Scene):
             def add_node(self, node, parent_node=None):
+                paths = self.__dict__.get("_path_cache", {})
                 super().add_node(node, parent_node=parent_node)
+                self._path_cache = paths
                 added = self.__dict__.setdefault("_added", {})
-                added.setdefault(node, len(added))
+                added.setdefault(node, next(self.__dict__.setdefault("_next_index", itertools.count())))
+
+            def remove_node(self, node):
+                paths = self._path_cache
+                super().remove_node(node)
+                self._path_cache = {n: path for n, path in paths.items() if n in self.nodes}
+
+            def _remove_node(self, node):
+                super()._remove_node(node)
+                self.__dict__.get("_added", {}).pop(node, None)
 
             def _in_order(self, nodes):
                 return sorted(nodes, key=self.__dict__.get("_added", {}).__getitem__)
@@ -181,15 +231,46 @@ def _ordered_scene_class(pyrender):
     return _SCENE_CLASS
 
 
+def _gl_unavailable(platform: str, exc: BaseException) -> MissingResourceError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return MissingResourceError(
+        f"headless OpenGL through '{platform}' is not available on this machine: {reason}",
+        where="HANDSYNTH_GL_PLATFORM / PYOPENGL_PLATFORM",
+        fix="install the library (Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri for egl, libosmesa6 for "
+            "osmesa), or choose the other platform with HANDSYNTH_GL_PLATFORM=egl|osmesa; `handsynth doctor` "
+            "checks it")
+
+
+def _import_pyrender():
+    """pyrender, imported with the configured GL platform; MissingResourceError when that library is missing."""
+    platform = configure_platform()
+    try:
+        import pyrender
+    except (ImportError, OSError, AttributeError) as exc:
+        raise _gl_unavailable(platform, exc) from None
+    return pyrender
+
+
 def _offscreen(pyrender):
     """The process's one OffscreenRenderer (created on first use, deleted at exit)."""
     global _OFFSCREEN
     if _OFFSCREEN is None:
         import atexit
 
-        _OFFSCREEN = pyrender.OffscreenRenderer(64, 64)
+        try:
+            _OFFSCREEN = pyrender.OffscreenRenderer(64, 64)
+        except Exception as exc:  # noqa: BLE001 - each GL platform fails its own way (ImportError, RuntimeError, ...)
+            raise _gl_unavailable(configure_platform(), exc) from None
         atexit.register(_release)
     return _OFFSCREEN
+
+
+def max_render_size() -> int:
+    """The largest image side this process's GL context can render (renderbuffer and viewport limits)."""
+    _offscreen(_import_pyrender())         # creating the renderer makes its context current
+    from OpenGL import GL
+
+    return int(min(GL.glGetIntegerv(GL.GL_MAX_RENDERBUFFER_SIZE), *GL.glGetIntegerv(GL.GL_MAX_VIEWPORT_DIMS)))
 
 
 def _release() -> None:
@@ -200,11 +281,23 @@ def _release() -> None:
         except Exception:  # noqa: BLE001 - at exit the display may already be gone; nothing to clean then
             pass
         _OFFSCREEN = None
+        _KEPT_FRAMEBUFFERS.clear()                    # they belonged to the context just deleted
 
 
-def _depth_image(depth: np.ndarray, z_near: float, z_far: float) -> np.ndarray:
-    """Grey RGB image of ``depth``: 255 at ``z_near``, 64 at ``z_far`` (metres), black where empty."""
-    span = max(z_far - z_near, 1e-6)
-    level = 255.0 - 191.0 * np.clip((depth - z_near) / span, 0.0, 1.0)
-    grey = np.where(depth > 0, np.rint(level), 0).astype(np.uint8)
+def depth_image(depth: np.ndarray) -> np.ndarray:
+    """The depth-style RGB uint8 image of a Z buffer (camera Z in metres, 0 = no mesh).
+
+    MiDaS-style relative inverse depth, as depth ControlNets were trained on: per mesh pixel the disparity
+    d = 1/Z, normalised over THIS image's mesh pixels, t = (d - d_min) / (d_max - d_min), grey level
+    rint(64 + 191 t): the nearest pixel 255, the farthest 64 (:data:`DEPTH_FAR_LEVEL`), every pixel
+    without mesh 0 (black, infinitely far). A flat image (one depth) is 255. Grey in all three channels.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    mesh = depth > 0
+    grey = np.zeros(depth.shape, dtype=np.uint8)
+    if mesh.any():
+        disparity = 1.0 / depth[mesh]
+        near, far = disparity.max(), disparity.min()
+        t = (disparity - far) / (near - far) if near > far else np.ones_like(disparity)
+        grey[mesh] = np.rint(DEPTH_FAR_LEVEL + (255 - DEPTH_FAR_LEVEL) * t).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)

@@ -4,8 +4,12 @@ The run directory's layout is :mod:`handsynth.render.layout`; :mod:`handsynth.ru
 that a rerun resumes the same run and records how the run ended. Every file is written atomically
 (temporary name + rename). A rerun of the same command keeps complete frames (label parses, every
 image matches the sha256 its label recorded) and renders the rest, a damaged frame included;
-finished files are never rewritten. PNGs are encoded with fixed options and no metadata, so reruns
-give byte-identical files.
+finished files are never rewritten. PNGs are encoded with fixed options and no metadata
+(:mod:`handsynth.render.png`), so reruns give byte-identical files.
+
+``styles`` (``--style mesh,depth``) chooses which image sets one pass writes: all come from the same
+render of the same meshes, and the label (one per frame) lists each image under ``images``
+(``layout.STYLE_IMAGES``: ``global`` / ``local`` for mesh, ``depth_global`` / ``depth_local`` for depth).
 """
 
 from __future__ import annotations
@@ -28,29 +32,34 @@ from handsynth.console import console, progress
 from handsynth.errors import InputError
 from handsynth.labels.schema import Frame, Hand
 from handsynth.render import geometry, layout
-from handsynth.render.renderer import BASE_COLOR, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer, View
+from handsynth.render.png import encode_png
+from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer, View,
+                                       depth_image)
 
 STAGE = layout.STAGE
 LOCAL_SIZE = 512
 JPEG_QUALITY = 95
-PNG_COMPRESS_LEVEL = 1            # zlib level: 2x faster than 6 for ~20% larger mesh PNGs
 UNITS = {"length": "metres", "image": "pixels, pixel centres at integers (OpenCV)",
          "pose": "axis-angle radians", "box": "x0, y0, x1, y1 pixels"}
 NO_VALID_HAND = "no_valid_hand"
 MIXED_REASONS = "no_renderable_hand"
 SHOWN_WARNINGS = 10
+DEPTH_CONVENTION = (f"MiDaS-style relative inverse depth: grey = rint({DEPTH_FAR_LEVEL} + {255 - DEPTH_FAR_LEVEL} * "
+                    "(1/Z - min 1/Z) / (max 1/Z - min 1/Z)) over the image's mesh pixels (nearest 255, farthest "
+                    f"{DEPTH_FAR_LEVEL}), 0 where there is no mesh")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything besides the labels and MANO files that decides a run's output."""
+    """Everything besides the labels and MANO files that decides a run's output. ``styles``: the image
+    sets to write, in :data:`STYLES` order (recorded as "mesh", "depth" or "mesh,depth")."""
 
-    style: str = "mesh"
+    styles: tuple[str, ...] = ("mesh",)
     local_size: int = LOCAL_SIZE
     crop_scale: float = geometry.DEFAULT_CROP_SCALE
 
     def as_dict(self) -> dict[str, Any]:
-        return {"style": self.style, "local_size": self.local_size, "crop_scale": self.crop_scale}
+        return {"style": ",".join(self.styles), "local_size": self.local_size, "crop_scale": self.crop_scale}
 
 
 @dataclass
@@ -86,7 +95,7 @@ class FrameRenderer:
         self.out = Path(out)
         self.settings = settings
         self.model = HandModel(mano_dir)
-        self.renderer = HandRenderer(settings.style)
+        self.renderer = HandRenderer()
         self.joint_names, self.joint_order = list(JOINT_NAMES), JOINT_ORDER
 
     def __call__(self, frame: Frame) -> FrameResult:
@@ -104,7 +113,10 @@ class FrameRenderer:
             [(h["vertices"], h["faces"]) for h in hands],
             [View(K, tuple(frame.image_size)), View(K_local, (size, size))])
 
-        encoded = {"global": encode_png(global_view.color), "local": encode_png(local_view.color)}
+        encoded = {}
+        for style in self.settings.styles:
+            for name, view in zip(layout.STYLE_IMAGES[style], (global_view, local_view)):
+                encoded[name] = encode_png(view.color if style == "mesh" else depth_image(view.depth))
         rgb = load_rgb(frame)
         if rgb is not None:
             encoded["rgb_local"] = encode_jpeg(crop_image(rgb, crop, size))
@@ -189,15 +201,6 @@ def _numpy(x: Any) -> np.ndarray:
 
 # --- images --------------------------------------------------------------------------------
 
-def encode_png(color: np.ndarray) -> bytes:
-    """PNG bytes of an RGB uint8 image with fixed options and no metadata (byte-identical reruns)."""
-    from PIL import Image
-
-    buf = _io.BytesIO()
-    Image.fromarray(color, mode="RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
-
-
 def encode_jpeg(image) -> bytes:
     buf = _io.BytesIO()
     image.save(buf, format="JPEG", quality=JPEG_QUALITY)
@@ -240,9 +243,11 @@ def crop_image(image, box: np.ndarray, size: int):
 def render_run(labels_path: str | Path, out: str | Path, *, format: str | None = None,
                mano_dir: str | Path | None = None, limit: int | None = None, workers: int = 1,
                style: str = "mesh", local_size: int = LOCAL_SIZE,
-               crop_scale: float = geometry.DEFAULT_CROP_SCALE, command: list[str] | None = None) -> RunSummary:
+               crop_scale: float = geometry.DEFAULT_CROP_SCALE, command: list[str] | None = None,
+               companions: dict[str, Path] | None = None) -> RunSummary:
     """Render every frame of ``labels_path`` into the run directory ``out``; resume where a run stopped.
 
+    ``style``: "mesh", "depth" or both comma-separated ("mesh,depth": both image sets from one render).
     Raises InputError on bad labels or settings or an ``out`` holding something else than this run,
     MissingResourceError when MANO files are missing, OutputError when ``out`` cannot be written or
     another process is writing to it. Hands behind the camera or outside the image are skipped and
@@ -254,7 +259,8 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
 
     started = time.perf_counter()
     settings = _check_settings(style, local_size, crop_scale, workers)
-    label_set = read_labels(Path(labels_path), format, limit=limit)
+    label_set = read_labels(Path(labels_path), format, limit=limit, companions=companions)
+    _check_render_size(label_set.frames, Path(labels_path))
     _check_unique_keys(label_set.frames, Path(labels_path))
     mano_root = resolve_mano_dir(Path(mano_dir) if mano_dir else None)
     model = HandModel(mano_root)
@@ -268,8 +274,11 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
         "settings": settings.as_dict(),
         "renderer": {"platform": configure_platform(), "znear_m": ZNEAR, "zfar_m": ZFAR,
                      "base_color": list(BASE_COLOR), "lights": [list(d) + [i] for d, i in LIGHTS]},
-        "units": UNITS, "layout": {**{name: ref.format(key="<key>") for name, ref in layout.IMAGE_NAMES.items()},
+        "units": UNITS, "layout": {**{name: layout.image_ref(name, "<key>") for name in layout.IMAGE_NAMES
+                                      if name == "rgb_local" or any(name in layout.STYLE_IMAGES[s]
+                                                                    for s in settings.styles)},
                                    "labels": "labels/<key>.json", "all_labels": layout.JSONL},
+        **({"depth_images": DEPTH_CONVENTION} if "depth" in settings.styles else {}),
     }
     fingerprint = {"settings": manifest["settings"], "MANO files": mano_hashes,
                    "label files": [e["sha256"] for e in manifest["inputs"]["labels"]]}
@@ -298,9 +307,30 @@ def render_run(labels_path: str | Path, out: str | Path, *, format: str | None =
                       skipped=counts["skipped"], skipped_hands=counts["skipped_hands"], elapsed_s=elapsed)
 
 
+def _check_render_size(frames: list[Frame], source: Path) -> None:
+    """InputError when a frame's image is larger than the GL renderer can draw (checked before any output)."""
+    from handsynth.render.backend import configure_platform
+    from handsynth.render.renderer import max_render_size
+
+    if not frames:
+        return
+    limit = max_render_size()
+    big = next((f for f in frames if max(f.image_size) > limit), None)
+    if big is not None:
+        w, h = (int(v) for v in big.image_size)
+        raise InputError(
+            f"frame {big.key} is {w}x{h} pixels, larger than the {limit}-pixel side this OpenGL renderer "
+            f"({configure_platform()}) can draw", where=source,
+            fix="check the frame's image size in the labels; for truly larger images, crop them (shifting the "
+                "principal point) or render on a machine whose driver allows larger images (NVIDIA EGL: 32768)")
+
+
 def _check_settings(style: str, local_size: int, crop_scale: float, workers: int) -> Settings:
-    if style not in STYLES:
-        raise InputError(f"unknown render style '{style}'", where="--style", fix=f"use one of: {', '.join(STYLES)}")
+    asked = {s.strip() for s in str(style).split(",")}
+    unknown = sorted(asked - set(STYLES))
+    if unknown:
+        raise InputError(f"unknown render style '{unknown[0]}'", where="--style",
+                         fix=f"use one of {', '.join(STYLES)}, or several comma-separated (mesh,depth)")
     if not 16 <= int(local_size) <= 4096:
         raise InputError(f"local image size {local_size} is out of range", where="--local-size",
                          fix="use a size between 16 and 4096 pixels (AttentionHand uses 512)")
@@ -309,7 +339,8 @@ def _check_settings(style: str, local_size: int, crop_scale: float, workers: int
                          fix="use a factor between 1.0 and 10.0 (default 1.5)")
     if workers < 1:
         raise InputError(f"workers must be >= 1, got {workers}", where="--workers", fix="pass 1 or more")
-    return Settings(style=style, local_size=int(local_size), crop_scale=float(crop_scale))
+    return Settings(styles=tuple(s for s in STYLES if s in asked), local_size=int(local_size),
+                    crop_scale=float(crop_scale))
 
 
 def _check_unique_keys(frames: list[Frame], source: Path) -> None:
