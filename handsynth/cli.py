@@ -20,6 +20,7 @@ from rich.markup import escape
 from handsynth import __version__
 from handsynth.console import console
 from handsynth.attentionhand.convert_command import convert
+from handsynth.augment.command import augment
 from handsynth.doctor import doctor
 from handsynth.errors import HandsynthError, Terminated
 from handsynth.evaluate.command import evaluate
@@ -58,6 +59,7 @@ def _root(
 
 
 # --- commands, in pipeline order; each lives beside the stage it drives -------------------------
+app.command("augment")(augment)
 app.command("render")(render)
 app.add_typer(recipes_app)
 app.command("prompts")(prompts)

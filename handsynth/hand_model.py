@@ -394,6 +394,15 @@ class HandModel:
         self._layer(side)
         return self._faces[side]
 
+    def rest(self, side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``side``'s template with zero shape and the flat hand (no ``hands_mean``): MANO's 16 joints
+        (16,3) and 778 vertices (778,3) in metres, and ``hands_mean`` (45,), all float64 numpy. A
+        forward pass with finger pose ``-hands_mean`` gives this hand."""
+        layer = self._layer(side)
+        vertices = layer.v_template.detach().cpu().double().numpy()
+        joints = layer.J_regressor.detach().cpu().double().numpy() @ vertices
+        return joints, vertices, layer.hand_mean.detach().cpu().double().numpy().reshape(45)
+
     def file_hashes(self) -> dict[str, str]:
         """sha256 of each MANO file present in the folder, keyed by file name."""
         if self._hashes is None:

@@ -14,4 +14,6 @@ pytest_plugins = sorted(
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHIPPED_RECIPES = sorted((Path(__file__).resolve().parents[1] / "handsynth" / "recipes").glob("*.yaml"))
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "handsynth" / "recipes"
+AUGMENT_RECIPE = RECIPES_DIR / "augment.yaml"
+SHIPPED_RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml") if p != AUGMENT_RECIPE)  # generation recipes

@@ -14,10 +14,11 @@ from handsynth.cli import main
 from handsynth.errors import InputError
 from handsynth.prompts.library import SHIPPED_DIR, find_recipe, shipped_recipes
 from handsynth.prompts.recipe import load_recipe
-from tests.conftest import SHIPPED_RECIPES
+from tests.conftest import AUGMENT_RECIPE, SHIPPED_RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = [p.stem for p in SHIPPED_RECIPES]
+ALL_RECIPES = sorted([*SHIPPED_RECIPES, AUGMENT_RECIPE])   # generation recipes and the augmentation one
+NAMES = [p.stem for p in ALL_RECIPES]
 DESIGN_CARD_RECIPES = {"indoor", "kitchen-workshop", "outdoor", "sports-street"}
 
 
@@ -38,7 +39,7 @@ def test_a_built_wheel_holds_every_shipped_recipe(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("handsynth-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         members = {n: zf.read(n) for n in zf.namelist() if n.startswith("handsynth/recipes/")}
-    assert members == {f"handsynth/recipes/{p.name}": p.read_bytes() for p in SHIPPED_RECIPES}
+    assert members == {f"handsynth/recipes/{p.name}": p.read_bytes() for p in ALL_RECIPES}
 
 
 @pytest.mark.parametrize("typed", ["outdoor.yaml", "outdoor", "outdoor.yml"])

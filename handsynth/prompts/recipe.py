@@ -203,9 +203,9 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The schema model that owns the keys at ``loc`` (for suggesting valid keys)."""
-    model: Any = Recipe
+def _model_at(loc: tuple, schema: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The model of ``schema`` (default :class:`Recipe`) that owns the keys at ``loc`` (for suggesting valid keys)."""
+    model: Any = schema or Recipe
     for part in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
@@ -229,20 +229,21 @@ def _where(path: Path, root: yaml.Node | None, loc: tuple, *, key: bool = False)
     return f"{path}, field {_field_path(loc)}{line}"
 
 
-def _error_from_pydantic(path: Path, root: yaml.Node | None, err: dict, n_errors: int) -> InputError:
+def _error_from_pydantic(path: Path, root: yaml.Node | None, err: dict, n_errors: int, *,
+                         schema: type[BaseModel] | None = None, example: str = EXAMPLE) -> InputError:
     loc = tuple(err["loc"])
     kind, more = err["type"], (f" ({n_errors - 1} more problem(s) after this one)" if n_errors > 1 else "")
     given = err.get("input")
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], schema)
         valid = sorted(model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         fix = (f"did you mean '{close[0]}'? " if close else "remove it or check its spelling; ") + (
-            f"valid keys here: {', '.join(valid)}" if valid else f"see {EXAMPLE}")
+            f"valid keys here: {', '.join(valid)}" if valid else f"see {example}")
         return InputError(f"unknown key '{loc[-1]}'{more}", where=_where(path, root, loc, key=True), fix=fix)
     if kind == "missing":
         return InputError(f"required key '{loc[-1]}' is missing{more}", where=_where(path, root, loc[:-1]),
-                          fix=f"add '{loc[-1]}:' under {_field_path(loc[:-1])} (see {EXAMPLE})")
+                          fix=f"add '{loc[-1]}:' under {_field_path(loc[:-1])} (see {example})")
     if kind == "too_short" and loc and loc[-1] == "values":
         return InputError(f"slot '{loc[-2]}' has an empty vocabulary{more}", where=_where(path, root, loc, key=True),
                           fix="give it at least one value, or remove the slot and the templates' uses of it")
@@ -257,7 +258,7 @@ def _error_from_pydantic(path: Path, root: yaml.Node | None, err: dict, n_errors
                           fix="write the entry as text, or as a mapping with 'text' and optional 'weight' / 'vars'")
     shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
     return InputError(f"{_field_path(loc)}: {err['msg'][0].lower() + err['msg'][1:]}, got {shown}{more}",
-                      where=_where(path, root, loc), fix=f"correct the value (the commented example {EXAMPLE} "
+                      where=_where(path, root, loc), fix=f"correct the value (the commented example {example} "
                                                          "shows every field with its default)")
 
 
@@ -461,11 +462,17 @@ def resolve_model_path(value: str, recipe_folder: Path) -> str:
     return value
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix.
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(path: str | Path, schema: type[M], *, example: str) -> tuple[M, Path, yaml.Node | None]:
+    """Read a YAML recipe file safely and validate it against the pydantic ``schema``.
 
     A bare name (``outdoor.yaml``, ``outdoor``) naming no file here is the shipped recipe of that name
     (see :mod:`handsynth.prompts.library`); a note on stderr says which file was used.
+    Returns the model, the path read and the YAML node tree (for line numbers in later checks).
+    Raises InputError naming the file, the field path, its line and a fix (``example`` names the
+    commented recipe to copy from). Every recipe kind (generation, augmentation) loads through here.
     """
     from handsynth.prompts.library import find_recipe, shipped_names
 
@@ -477,8 +484,8 @@ def load_recipe(path: str | Path) -> Recipe:
                       f"copy {path.stem}`)[/dim]", soft_wrap=True)
     if not path.is_file():
         raise InputError(f"recipe file '{path}' not found", where=path,
-                         fix=f"pass the path of a recipe YAML file, or the name of a shipped recipe "
-                             f"({shipped_names()}; `handsynth recipes` lists them)")
+                         fix=f"pass the path of a recipe YAML file (e.g. {example}), or the name of a shipped "
+                             f"recipe ({shipped_names()}; `handsynth recipes` lists them)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -488,12 +495,18 @@ def load_recipe(path: str | Path) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise InputError(f"the recipe must be a mapping of keys, not a {type(data).__name__}", where=path,
-                         fix=f"start from {EXAMPLE}")
+                         fix=f"start from {example}")
     try:
-        recipe = Recipe.model_validate(data)
+        model = schema.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        raise _error_from_pydantic(path, root, errors[0], len(errors)) from None
+        raise _error_from_pydantic(path, root, errors[0], len(errors), schema=schema, example=example) from None
+    return model, path, root
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix."""
+    recipe, path, root = load_yaml_model(path, Recipe, example=EXAMPLE)
     if recipe.prompts is not None:
         _check_prompts(path, root, recipe.prompts)
     defaults = _defaults_used(recipe)
