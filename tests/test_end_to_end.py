@@ -7,7 +7,7 @@ holding only what a user has: the label files and the model folders.
 
 ``test_render_generate_export_chain`` (fast): outdoor.yaml is the user's copy of the shipped recipe, edited
 for the tiny test model (64 px, 2 steps). ``test_design_card_commands_typed_exactly_in_a_fresh_folder``
-(slow): no recipe file at all - the shipped outdoor.yaml as it is (512 px, 20 steps, TAS) on an SD1.5-shaped
+(about a minute on 2 cores): no recipe file at all - the shipped outdoor.yaml as it is (512 px, 20 steps, TAS) on an SD1.5-shaped
 tiny model in a Hugging Face cache, each command run as a separate process through the installed script.
 
 The source frames are non-square (the real InterHand excerpt: 334x512 and 512x334). Defaults connect
@@ -157,7 +157,6 @@ def user_models(clip_tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
     return home, folder
 
 
-@pytest.mark.slow   # the shipped recipe's 512 px and 20 steps: minutes on a CPU even with a tiny model
 def test_design_card_commands_typed_exactly_in_a_fresh_folder(tmp_path, mano_dir, user_models):
     home, guidance = user_models
     work = fresh_folder(tmp_path, mano_dir)
