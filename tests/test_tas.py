@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from handsynth.attentionhand.tas import (AttentionStore, StopForward, TASConfig, gaussian_kernel, refine,
-                                         smooth_tokens, step_sizes, tas_gradient, tas_loss, tas_processors,
-                                         tas_update, token_probabilities)
+from handsynth.attentionhand.tas import (AttentionStore, StopForward, TASConfig, attention_pass, refine,
+                                         smooth_tokens, smoothing_kernel, step_sizes, tas_gradient, tas_loss,
+                                         tas_processors, tas_update, token_probabilities)
 from tests.fixtures.attentionhand_pipeline import make_pipeline
 
 PROMPTS = ["The woman is holding a pink umbrella with her hand.", "a man waving his hands", "a quiet street"]
@@ -24,22 +24,26 @@ def _random_maps(batch=2, res=16, seed=0):
 # --- refinement ---------------------------------------------------------------------------------
 
 
-def test_refine_matches_numpy_scipy_with_index_shift():
+@pytest.mark.parametrize("kernel, scipy_sigma", [("gaussian", 0.5), ("public", 0.5 * math.sqrt(2))])
+def test_refine_matches_numpy_scipy_with_index_shift(kernel, scipy_sigma):
+    """Both kernels are true Gaussians: ``gaussian`` of standard deviation sigma, ``public`` (the public code's
+    exp(-(x / (2 sigma))^2)) of sigma * sqrt(2); scipy's filter with that deviation and radius 1 matches."""
     maps = _random_maps()
     tokens = [[1, 4, 75], [10]]
-    ours = refine(maps, tokens, TASConfig())
+    ours = refine(maps, tokens, TASConfig(kernel=kernel))
 
     m = maps.numpy().astype(np.float64)
     text = m[..., 1:76] * 100.0
     probs = np.exp(text - text.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
+    truncate = 1.0 / scipy_sigma  # radius int(truncate * sigma + 0.5) = 1: the 3x3 kernel
     for i, sample in enumerate(tokens):
         assert ours[i].shape == (len(sample), 16, 16)
         for k, p in enumerate(sample):
             # CLIP position p is column p-1 once the start token is dropped; scipy's 'mirror' is torch's 'reflect'.
-            expected = gaussian_filter(probs[i, :, :, p - 1], sigma=0.5, mode="mirror", truncate=1.0)
+            expected = gaussian_filter(probs[i, :, :, p - 1], sigma=scipy_sigma, mode="mirror", truncate=truncate)
             np.testing.assert_allclose(ours[i][k].numpy(), expected, atol=1e-6)
-            wrong = gaussian_filter(probs[i, :, :, p - 1], sigma=0.5, mode="reflect", truncate=1.0)
+            wrong = gaussian_filter(probs[i, :, :, p - 1], sigma=scipy_sigma, mode="reflect", truncate=truncate)
             assert not np.allclose(ours[i][k].numpy(), wrong, atol=1e-6)
 
 
@@ -51,11 +55,24 @@ def test_token_position_selects_its_own_column():
     assert refined[0].max() > 2 * refined[1].max() and refined[0].max() > 2 * refined[2].max()
 
 
-def test_gaussian_kernel_values():
-    k = gaussian_kernel(3, 0.5).numpy()
+def test_public_kernel_is_the_public_codes_formula():
+    """The public code (Attend-and-Excite's GaussianSmoothing): per axis exp(-((x - mean) / (2 * std))^2) on
+    x = 0, 1, 2 with mean 1 and std 0.5, the product of the axes, normalised to sum 1."""
+    std, mean = 0.5, 1.0
+    axis = [math.exp(-(((x - mean) / (2 * std)) ** 2)) for x in range(3)]
+    grid = np.array([[a * b for b in axis] for a in axis])
+    grid /= grid.sum()
+    ours = smoothing_kernel(3, 0.5, "public").numpy()
+    np.testing.assert_allclose(ours, grid, atol=1e-7)
+    assert ours[1, 1] == pytest.approx(0.332, abs=5e-4)        # the issue's figures
+    assert TASConfig().kernel == "public"                        # and it is the default
+    textbook = smoothing_kernel(3, 0.5, "gaussian").numpy()
     g = np.exp(-np.array([1.0, 0.0, 1.0]) / 0.5)
     g /= g.sum()
-    np.testing.assert_allclose(k, np.outer(g, g), atol=1e-7)
+    np.testing.assert_allclose(textbook, np.outer(g, g), atol=1e-7)
+    assert textbook[1, 1] == pytest.approx(0.619, abs=5e-4)
+    with pytest.raises(ValueError, match="kernel"):
+        TASConfig(kernel="box")
 
 
 @pytest.mark.parametrize("bad", [0, 76, 77, -1])
@@ -139,9 +156,9 @@ def test_processor_not_recording_is_bit_identical(pipe, inputs):
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
 
 
-def _forward(pipe, text, mesh, t):
+def _forward(pipe, text, mesh, t, maps_from="unet+guidance"):
     def forward(x, rows):
-        return pipe.denoise(x, t, text[rows], mesh[rows], 1.0)
+        return attention_pass(pipe.unet, pipe.controlnet, maps_from, x, t, text[rows], mesh[rows])
     return forward
 
 
@@ -149,14 +166,14 @@ def test_update_lowers_loss_and_moves_only_the_latents(pipe, inputs):
     latents, text, mesh, t = inputs
     params = {k: v.clone() for k, v in [*pipe.unet.state_dict().items(), *pipe.controlnet.state_dict().items()]}
     store = AttentionStore(16)
-    step = 1000.0  # the tiny random UNet's attention is nearly flat: its gradients are small
+    step = 2000.0  # the tiny random UNet's attention is nearly flat: its gradients are small
     with torch.no_grad(), tas_processors(pipe.unet, store):
         forward = _forward(pipe, text, mesh, t)
         new, before = tas_update(latents, forward, store, TOKENS, step_size=step)
         _, after = tas_update(new, forward, store, TOKENS, step_size=step)
         # the same sample alone gets the same update: per-sample losses do not mix
         alone, _ = tas_update(latents[1:2], _forward(pipe, text[1:2], mesh[1:2], t), store, TOKENS[1:2], step)
-    assert (before[:2] - after[:2] > 5e-5).all(), (before, after)  # a wrong sign gives about +1e-5
+    assert (before[:2] - after[:2] > 5e-5).all(), (before - after)  # a wrong sign gives about +1e-5
     assert before[2] == 0 and torch.equal(new[2], latents[2])  # no tokens: untouched
     torch.testing.assert_close(alone[0], new[1], atol=1e-5, rtol=1e-5)
     for name, p in [*pipe.unet.named_parameters(), *pipe.controlnet.named_parameters()]:
@@ -260,3 +277,31 @@ def test_fp16_gradient_is_loss_scaled_and_follows_fp32(pipe, inputs):
     torch.testing.assert_close(loss16, loss32, atol=2e-3, rtol=0)
     cosine = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
     assert cosine > 0.9999, cosine
+
+
+def test_maps_from_unet_ignores_the_guidance_module(pipe, inputs):
+    """``maps_from: unet`` (the default): loss and latent gradient are those of the UNet alone, whatever the
+    guidance module outputs (bit-identical with another 'trained' module); ``unet+guidance`` depends on it."""
+    import copy
+    from types import SimpleNamespace
+
+    from tests.fixtures.attentionhand_pipeline import pretend_trained
+
+    latents, text, mesh, t = inputs
+    other = SimpleNamespace(unet=pipe.unet, controlnet=pretend_trained(copy.deepcopy(pipe.controlnet), 7, 0.5))
+    rows, store = [0, 1], AttentionStore(16)
+    assert TASConfig().maps_from == "unet"
+    results = {}
+    with torch.no_grad(), tas_processors(pipe.unet, store):
+        for name, p in (("a", pipe), ("b", other)):
+            for maps_from in ("unet", "unet+guidance"):
+                results[name, maps_from] = tas_gradient(latents, _forward(p, text, mesh, t, maps_from), store,
+                                                        TOKENS, rows)
+        plain = tas_gradient(latents, lambda x, r: pipe.unet(x, t, encoder_hidden_states=text[r]), store, TOKENS,
+                             rows)
+    for loss, grad in (results["a", "unet"], results["b", "unet"]):
+        assert torch.equal(loss, plain[0]) and torch.equal(grad, plain[1])
+    loss_a, grad_a = results["a", "unet+guidance"]
+    loss_b, grad_b = results["b", "unet+guidance"]
+    assert (grad_a - grad_b).abs().max() > 1e-3 * grad_a.abs().max()
+    assert (grad_a - plain[1]).abs().max() > 1e-3 * grad_a.abs().max()

@@ -13,7 +13,8 @@ run as one batch through the guidance module and the UNet, rows ordered
 ``[uncond global | uncond local | cond global | cond local]``. With a fresh (zero-output) guidance module
 and TAS off, or with no guidance module (``controlnet=None``), the images equal
 ``StableDiffusionPipeline``'s for the same components and generators. TAS reads the UNet's cross-attention,
-so it works the same with any guidance module or none.
+so it works the same with any guidance module or none; by default (``tas.maps_from: unet``) from a UNet pass
+without the guidance residuals, as paper and public code.
 
 Randomness: each sample's initial latent comes from its own ``torch.Generator`` (``generator[i]``), so a
 batch equals single runs. The local branch's latent comes from ``local_generator[i]`` if given, otherwise
@@ -40,8 +41,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from handsynth.attentionhand.tas import (AttentionStore, TASConfig, check_token_indices, refine, step_sizes,
-                                         tas_processors, tas_update)
+from handsynth.attentionhand.tas import (AttentionStore, TASConfig, attention_pass, check_token_indices, refine,
+                                         step_sizes, tas_processors, tas_update)
 
 
 @dataclass
@@ -202,7 +203,8 @@ class AttentionHandPipeline(DiffusionPipeline):
                 for j in range(tas.iterations if i < tas_steps else 0):
                     def forward(x, idx, t=t):
                         x = self.scheduler.scale_model_input(x, t)
-                        return self.denoise(x, t, cond[idx], mesh[idx], controlnet_conditioning_scale)
+                        return attention_pass(self.unet, self.controlnet, tas.maps_from, x, t, cond[idx], mesh[idx],
+                                              controlnet_conditioning_scale)
 
                     latents, _ = tas_update(latents, forward, store, row_tokens, alphas[i * tas.iterations + j], tas)
 

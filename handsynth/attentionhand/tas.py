@@ -10,11 +10,16 @@ Pieces, each usable alone:
   UNet's outputs are bit-identical to an unpatched UNet.
 - :func:`token_probabilities`, :func:`smooth_tokens`, :func:`refine`: the map refinement - drop the
   start-token column (and the last, always end/padding, column), keep CLIP positions 1..75, multiply
-  by ``softmax_scale``, softmax over the tokens, then a fixed Gaussian filter per requested token.
+  by ``softmax_scale``, softmax over the tokens, then a fixed 3x3 smoothing filter per requested token:
+  ``kernel: public`` (default) is the public code's exp(-(x / (2 sigma))^2), the filter the released
+  module was trained with; ``kernel: gaussian`` the textbook Gaussian of standard deviation ``sigma``
+  (see :func:`smoothing_kernel`).
 - :func:`tas_loss`: per sample, L = max over its hand tokens of (1 - max over pixels of the refined map).
 - :func:`step_sizes`, :func:`tas_gradient` and :func:`tas_update`: the gradient step
-  X_t <- X_t - alpha * dL/dX_t, batched with per-sample token lists, through the same UNet (and guidance
-  module) that generates; float16 gradients are loss-scaled so that they do not underflow. The UNet is
+  X_t <- X_t - alpha * dL/dX_t, batched with per-sample token lists, through the same UNet that generates
+  (``maps_from: unet``, default, as paper and public code: the UNet without the guidance module's
+  residuals, so the maps and their gradient do not depend on the guidance module; ``unet+guidance``: with
+  them); float16 gradients are loss-scaled so that they do not underflow. The UNet is
   stopped right after its last recorded layer (see :meth:`AttentionStore.recording`): for SD1.5 at 512x512
   that skips ``up_blocks.2``, ``up_blocks.3`` and ``conv_out``, which cannot change L_TAS, in the forward
   and in the backward pass.
@@ -30,11 +35,13 @@ import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
+KERNELS = ("public", "gaussian")
+MAPS_FROM = ("unet", "unet+guidance")
 CLIP_LENGTH = 77
 FIRST_TEXT_TOKEN = 1  # position 0 is the start token
 LAST_TEXT_TOKEN = 75  # position 76 is always an end/padding token
@@ -52,13 +59,17 @@ class TASConfig:
     attention_res: int = 16  # record cross-attention at this resolution of the latent's longer side (SD1.5 at 512: 16)
     softmax_scale: float = 100.0
     kernel_size: int = 3
-    sigma: float = 0.5
+    sigma: float = 0.5  # the parameter of ``kernel`` (see smoothing_kernel)
+    kernel: Literal["public", "gaussian"] = "public"
+    maps_from: Literal["unet", "unet+guidance"] = "unet"  # the forward pass whose cross-attention TAS reads
 
     def __post_init__(self):
         if self.max_steps < 0 or self.iterations < 1:
             raise ValueError("TASConfig: max_steps must be >= 0 and iterations >= 1")
         if self.attention_res < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0 or self.sigma <= 0:
             raise ValueError("TASConfig: attention_res >= 1, an odd kernel_size >= 1 and sigma > 0 are required")
+        if self.kernel not in KERNELS or self.maps_from not in MAPS_FROM:
+            raise ValueError(f"TASConfig: kernel must be one of {KERNELS}, maps_from one of {MAPS_FROM}")
 
     def active(self) -> bool:
         return self.enabled and self.max_steps > 0
@@ -290,21 +301,32 @@ def token_probabilities(maps: torch.Tensor, softmax_scale: float = 100.0) -> tor
     return (text * softmax_scale).softmax(dim=-1)
 
 
-def gaussian_kernel(kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """Normalised 2D Gaussian kernel (kernel_size x kernel_size), float32."""
+def smoothing_kernel(kernel_size: int = 3, sigma: float = 0.5, kernel: str = "public") -> torch.Tensor:
+    """The normalised 2D smoothing kernel (kernel_size x kernel_size, float32) of TAS's refinement.
+
+    ``public``: the public AttentionHand code's filter (inherited from Attend-and-Excite), separable with
+    1D weights exp(-(x / (2 sigma))^2) - a true Gaussian of standard deviation sigma * sqrt(2); at its
+    sigma 0.5 the 3x3 centre weight is 0.332. The released module was trained with it. ``gaussian``: the
+    textbook Gaussian exp(-x^2 / (2 sigma^2)) of standard deviation ``sigma`` (centre weight 0.619 at 0.5).
+    """
     x = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
+    if kernel == "public":
+        g = torch.exp(-((x / (2 * sigma)) ** 2))
+    elif kernel == "gaussian":
+        g = torch.exp(-(x**2) / (2 * sigma**2))
+    else:
+        raise ValueError(f"unknown TAS kernel {kernel!r}; use one of {KERNELS}")
     g = g / g.sum()
     return g[:, None] * g[None, :]
 
 
 def smooth_tokens(probs: torch.Tensor, token_indices: Sequence[Sequence[int]], kernel_size: int = 3,
-                  sigma: float = 0.5) -> list[torch.Tensor]:
-    """Gaussian-filter the maps of each sample's requested tokens.
+                  sigma: float = 0.5, kernel: str = "public") -> list[torch.Tensor]:
+    """Smooth the maps of each sample's requested tokens with :func:`smoothing_kernel`.
 
     ``probs``: (B, H, W, 75) from :func:`token_probabilities`. Returns one (K_i, H, W) tensor per sample,
-    map k belonging to CLIP position ``token_indices[i][k]``. The filter is a fixed normalised Gaussian
-    with reflect padding (torch's 'reflect': the edge pixel is not repeated).
+    map k belonging to CLIP position ``token_indices[i][k]``. The filter is fixed and normalised, with
+    reflect padding (torch's 'reflect': the edge pixel is not repeated).
     """
     check_token_indices(token_indices, probs.shape[0])
     rows = [i for i, tokens in enumerate(token_indices) for _ in tokens]
@@ -313,8 +335,8 @@ def smooth_tokens(probs: torch.Tensor, token_indices: Sequence[Sequence[int]], k
         return [probs.new_zeros((0, *probs.shape[1:3])) for _ in token_indices]
     selected = probs[rows, :, :, cols].unsqueeze(1)  # (N, 1, H, W)
     pad = kernel_size // 2
-    kernel = gaussian_kernel(kernel_size, sigma).to(selected)[None, None]
-    smoothed = F.conv2d(F.pad(selected, (pad, pad, pad, pad), mode="reflect"), kernel)[:, 0]
+    weights = smoothing_kernel(kernel_size, sigma, kernel).to(selected)[None, None]
+    smoothed = F.conv2d(F.pad(selected, (pad, pad, pad, pad), mode="reflect"), weights)[:, 0]
     return list(smoothed.split([len(tokens) for tokens in token_indices]))
 
 
@@ -322,7 +344,7 @@ def refine(maps: torch.Tensor, token_indices: Sequence[Sequence[int]], config: T
            ) -> list[torch.Tensor]:
     """Refined maps of the requested tokens: :func:`token_probabilities` then :func:`smooth_tokens`."""
     probs = token_probabilities(maps, config.softmax_scale)
-    return smooth_tokens(probs, token_indices, config.kernel_size, config.sigma)
+    return smooth_tokens(probs, token_indices, config.kernel_size, config.sigma, config.kernel)
 
 
 def tas_loss(refined: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -346,6 +368,23 @@ def step_sizes(config: TASConfig, num_updates: int) -> list[float]:
     if num_updates <= 1:
         return [config.step_size_start] * num_updates
     return [math.sqrt(a2 + (b2 - a2) * j / (num_updates - 1)) for j in range(num_updates)]
+
+
+def attention_pass(unet, controlnet, maps_from: str, latents: torch.Tensor, t, text_embeds: torch.Tensor,
+                   mesh: torch.Tensor | None, control_scale: float = 1.0):
+    """The forward pass whose cross-attention TAS reads (its output is not used).
+
+    ``maps_from`` "unet" (default of :class:`TASConfig`, as paper and public code): the UNet alone, no
+    guidance residuals - the maps and their latent gradient do not depend on the guidance module;
+    "unet+guidance": the UNet with the guidance module's residuals (``controlnet`` on ``mesh``), as it
+    denoises. Without a guidance module both are the UNet alone.
+    """
+    if maps_from == "unet" or controlnet is None:
+        return unet(latents, t, encoder_hidden_states=text_embeds, return_dict=False)
+    down, mid = controlnet(latents, t, encoder_hidden_states=text_embeds, controlnet_cond=mesh,
+                           conditioning_scale=control_scale, return_dict=False)
+    return unet(latents, t, encoder_hidden_states=text_embeds, down_block_additional_residuals=down,
+                mid_block_additional_residual=mid, return_dict=False)
 
 
 # float16 keeps only 5 exponent bits: per-element latent gradients of L_TAS (about 1e-6 on average) fall
@@ -390,8 +429,8 @@ def tas_update(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One TAS gradient step on a batch of latents; returns (new latents, per-sample L_TAS before the step).
 
-    ``forward(x, rows)`` must run the denoiser (guidance module + UNet, conditional text embeddings only)
-    on ``x`` = the latents of batch ``rows``, with ``store``'s processors installed; its output is unused.
+    ``forward(x, rows)`` must run :func:`attention_pass` (conditional text embeddings only) on ``x`` = the
+    latents of batch ``rows``, with ``store``'s processors installed; its output is unused.
     Only samples with hand tokens enter the forward; the per-sample losses are summed, so each sample's
     gradient is its own. Samples with no tokens or zero loss keep their latents bit for bit. The
     gradient comes from :func:`tas_gradient` (float32, loss-scaled for float16 latents); the update is

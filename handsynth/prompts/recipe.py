@@ -90,6 +90,8 @@ class TASSettings(_Strict):
     softmax_scale: float = Field(100.0, gt=0.0)
     kernel_size: int = Field(3, ge=1)
     sigma: float = Field(0.5, gt=0.0)
+    kernel: Literal["public", "gaussian"] = "public"
+    maps_from: Literal["unet", "unet+guidance"] = "unet"
 
     @field_validator("kernel_size")
     @classmethod
