@@ -29,6 +29,7 @@ from handsynth.generate.command import generate
 from handsynth.prompts.command import prompts
 from handsynth.prompts.recipes_command import recipes_app
 from handsynth.render.command import render
+from handsynth.train.command import train
 
 app = typer.Typer(
     name="handsynth",
@@ -64,6 +65,7 @@ app.command("render")(render)
 app.add_typer(recipes_app)
 app.command("prompts")(prompts)
 app.command("generate")(generate)
+app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("export")(export)
 app.command("convert")(convert)

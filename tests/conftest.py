@@ -16,4 +16,6 @@ pytest_plugins = sorted(
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "handsynth" / "recipes"
 AUGMENT_RECIPE = RECIPES_DIR / "augment.yaml"
-SHIPPED_RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml") if p != AUGMENT_RECIPE)  # generation recipes
+TRAIN_RECIPES = sorted(RECIPES_DIR.glob("train-*.yaml"))                                 # handsynth train
+SHIPPED_RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml")
+                         if p != AUGMENT_RECIPE and p not in TRAIN_RECIPES)               # generation recipes

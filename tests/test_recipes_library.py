@@ -14,10 +14,10 @@ from handsynth.cli import main
 from handsynth.errors import InputError
 from handsynth.prompts.library import SHIPPED_DIR, find_recipe, shipped_recipes
 from handsynth.prompts.recipe import load_recipe
-from tests.conftest import AUGMENT_RECIPE, SHIPPED_RECIPES
+from tests.conftest import AUGMENT_RECIPE, SHIPPED_RECIPES, TRAIN_RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_RECIPES = sorted([*SHIPPED_RECIPES, AUGMENT_RECIPE])   # generation recipes and the augmentation one
+ALL_RECIPES = sorted([*SHIPPED_RECIPES, AUGMENT_RECIPE, *TRAIN_RECIPES])   # generation, augmentation, training
 NAMES = [p.stem for p in ALL_RECIPES]
 DESIGN_CARD_RECIPES = {"indoor", "kitchen-workshop", "outdoor", "sports-street"}
 

@@ -398,7 +398,7 @@ FP16_LOSS_SCALE = 2.0**14
 
 def tas_gradient(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]], object],
                  store: AttentionStore, token_indices: Sequence[Sequence[int]], rows: list[int],
-                 config: TASConfig = TASConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: TASConfig = TASConfig(), loss_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample L_TAS of batch ``rows`` and its float32 gradient with respect to those latents.
 
     Returns ``(losses (R,), grad (R, C, h, w))``. Autograd is asked for the latents' gradient only, so
@@ -407,9 +407,10 @@ def tas_gradient(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[in
     nor the backward pass computes the rest of the UNet; the loss and gradient are those of the full pass.
     With float16 latents the loss is scaled by :data:`FP16_LOSS_SCALE` for the backward pass; a row whose
     gradient is then not finite (overflow) gets a zero gradient, i.e. no update, as a mixed-precision
-    optimiser skips such a step.
+    optimiser skips such a step. ``loss_scale`` overrides that choice (training under float16 autocast has
+    float32 latents but float16 activations: it passes :data:`FP16_LOSS_SCALE`).
     """
-    scale = FP16_LOSS_SCALE if latents.dtype == torch.float16 else 1.0
+    scale = loss_scale if loss_scale is not None else FP16_LOSS_SCALE if latents.dtype == torch.float16 else 1.0
     with torch.enable_grad():
         x = latents[rows].detach().requires_grad_(True)
         with store.recording(tuple(latents.shape[-2:]), truncate=True):
@@ -426,7 +427,7 @@ def tas_gradient(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[in
 
 def tas_update(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]], object], store: AttentionStore,
                token_indices: Sequence[Sequence[int]], step_size: float, config: TASConfig = TASConfig(),
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               loss_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One TAS gradient step on a batch of latents; returns (new latents, per-sample L_TAS before the step).
 
     ``forward(x, rows)`` must run :func:`attention_pass` (conditional text embeddings only) on ``x`` = the
@@ -441,7 +442,7 @@ def tas_update(latents: torch.Tensor, forward: Callable[[torch.Tensor, list[int]
     rows = [i for i, tokens in enumerate(token_indices) if tokens]
     if not rows:
         return latents, losses
-    row_losses, grad = tas_gradient(latents, forward, store, token_indices, rows, config)
+    row_losses, grad = tas_gradient(latents, forward, store, token_indices, rows, config, loss_scale)
     move = (row_losses > 0).to(torch.float32).view(-1, *([1] * (grad.dim() - 1)))
     new = latents.clone()
     new[rows] = (latents[rows].float() - step_size * move * grad).to(latents.dtype)

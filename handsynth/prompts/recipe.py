@@ -506,9 +506,13 @@ def load_yaml_model(path: str | Path, schema: type[M], *, example: str) -> tuple
     return model, path, root
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix."""
-    recipe, path, root = load_yaml_model(path, Recipe, example=EXAMPLE)
+def load_recipe(path: str | Path, schema: type[Recipe] | None = None) -> Recipe:
+    """Read, validate and resolve a recipe file; raises InputError with file, field, line and fix.
+
+    ``schema``: the recipe model (default :class:`Recipe`, a generation recipe; ``handsynth train`` passes
+    its own, which shares the sections and adds ``train``).
+    """
+    recipe, path, root = load_yaml_model(path, schema or Recipe, example=EXAMPLE)
     if recipe.prompts is not None:
         _check_prompts(path, root, recipe.prompts)
     defaults = _defaults_used(recipe)
