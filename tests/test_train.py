@@ -23,9 +23,14 @@ prompts:
 """
 
 
-def write_train_recipe(folder: Path, base: Path, *, train: str = "", extra: str = "",
-                       guidance: str = "none", name: str = "train.yaml") -> Path:
-    """A training recipe for the tiny model (64 px, TAS at 16x16 with 2 iterations)."""
+TRAIN_DEFAULTS = {"steps": 4, "learning_rate": 1.0e-3, "checkpoint_every": 2, "validate_every": 0, "log_every": 1}
+
+
+def write_train_recipe(folder: Path, base: Path, *, train: dict | None = None, extra: str = "",
+                       guidance: str = "none", name: str = "train.yaml", batch_size: int = 1) -> Path:
+    """A training recipe for the tiny model (64 px, TAS at 16x16 with 2 iterations); ``train`` overrides
+    :data:`TRAIN_DEFAULTS`."""
+    settings = {**TRAIN_DEFAULTS, **(train or {})}
     text = textwrap.dedent(f"""\
         seed: 3
         model:
@@ -41,14 +46,9 @@ def write_train_recipe(folder: Path, base: Path, *, train: str = "", extra: str 
           format: png
         sampler:
           steps: 2
+        batch_size: {batch_size}
         train:
-          steps: 4
-          learning_rate: 1.0e-3
-          checkpoint_every: 2
-          validate_every: 0
-          log_every: 1
-        """)
-    text = text.replace("train:\n", "train:\n" + textwrap.indent(textwrap.dedent(train), "  "), 1) if train else text
+        """) + "".join(f"  {k}: {v}\n" for k, v in settings.items())
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     path.write_text(text + PROMPTS + extra)
@@ -356,7 +356,7 @@ def test_shipped_train_recipe_loads():
 
 
 def test_bad_train_recipes_are_reported(tiny_sd_dir, tmp_path, capsys):
-    bad = write_train_recipe(tmp_path, tiny_sd_dir, train="lerning_rate: 0.1\n")
+    bad = write_train_recipe(tmp_path, tiny_sd_dir, train={"lerning_rate": 0.1})
     assert main(["train", "--recipe", str(bad), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'lerning_rate'" in err and "learning_rate" in err and "line" in err
@@ -364,3 +364,43 @@ def test_bad_train_recipes_are_reported(tiny_sd_dir, tmp_path, capsys):
     native.write_text(native.read_text().replace("  format: png\n", "  format: png\n  fit: native\n"))
     assert main(["train", "--recipe", str(native), "--device", "cpu"]) == 2
     assert "one size" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_validation_and_a_foreign_out(tiny_sd_dir, small_render_run, tmp_path, capsys):
+    """Two micro-batches of one sample accumulate to the step of one batch of both (same positions, same
+    draws; float rounding apart); validation images are written at validate_every; an --out trained with
+    another recipe is refused."""
+    common = {"steps": 1, "checkpoint_every": 1}
+    acc = write_train_recipe(tmp_path / "acc", tiny_sd_dir, train={**common, "gradient_accumulation": 2,
+                                                                    "validate_every": 1, "validation_count": 1})
+    whole = write_train_recipe(tmp_path / "whole", tiny_sd_dir, train=common, batch_size=2)
+    args = ["train", "--run", str(small_render_run), "--device", "cpu"]
+    assert main([*args, "--recipe", str(acc), "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert main([*args, "--recipe", str(whole), "--out", str(tmp_path / "w")]) == 0, capsys.readouterr().err
+    a, w = _state(tmp_path / "a"), _state(tmp_path / "w")
+    fresh = _fresh_guidance(tiny_sd_dir)
+    moved = max((w[k] - fresh[k]).abs().max().item() for k in w)
+    assert moved > 1e-4
+    assert max((a[k] - w[k]).abs().max().item() for k in a) < 1e-3 * moved
+    images = sorted(p.name for p in (tmp_path / "a" / "validation" / "step-0000001").iterdir())
+    assert len(images) == 2 and images[0] == images[1].replace(".png", "-local.png")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["samples_per_step"] == 2
+    capsys.readouterr()
+    assert main([*args, "--recipe", str(whole), "--out", str(tmp_path / "a")]) == 2
+    assert "different recipe" in capsys.readouterr().err
+    assert _state(tmp_path / "a").keys() == a.keys()
+
+
+def test_benchmark_cpu_path_prints_figures():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--steps", "1",
+                             "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("batch=1 "))
+    figures = dict(item.split("=") for item in line.split())
+    assert float(figures["steps_per_s"]) > 0 and float(figures["tas_ratio"]) > 0.5
+    assert float(figures["peak_memory_gib"]) > 0 and "largest_batch: 1" in result.stdout
