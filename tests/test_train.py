@@ -23,12 +23,12 @@ prompts:
 """
 
 
-TRAIN_DEFAULTS = {"steps": 4, "learning_rate": 1.0e-3, "checkpoint_every": 2, "validate_every": 0, "log_every": 1}
+TRAIN_DEFAULTS = {"steps": 3, "learning_rate": 1.0e-3, "checkpoint_every": 2, "validate_every": 0, "log_every": 1}
 
 
 def write_train_recipe(folder: Path, base: Path, *, train: dict | None = None, extra: str = "",
                        guidance: str = "none", name: str = "train.yaml", batch_size: int = 1) -> Path:
-    """A training recipe for the tiny model (64 px, TAS at 16x16 with 2 iterations); ``train`` overrides
+    """A training recipe for the tiny model (64 px, TAS at 16x16, one iteration); ``train`` overrides
     :data:`TRAIN_DEFAULTS`."""
     settings = {**TRAIN_DEFAULTS, **(train or {})}
     text = textwrap.dedent(f"""\
@@ -37,7 +37,7 @@ def write_train_recipe(folder: Path, base: Path, *, train: dict | None = None, e
           base: {base}
           guidance: {guidance}
         tas:
-          iterations: 2
+          iterations: 1
           step_size_start: 20.0
           step_size_end: 10.0
           attention_res: 16
@@ -253,7 +253,7 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_resume_and_generate_with_the_result(tiny_sd_dir, small_render_run, tmp_path, monkeypatch, capsys):
-    """An interrupted run (crash at step 3, checkpoint at 2) resumed by the same command ends with weights
+    """An interrupted run (crash in step 3, checkpoint at 2) resumed by the same command ends with weights
     bit-identical to an uninterrupted run; frozen weights stay bit-identical; the folder loads as
     model.guidance in a generate recipe."""
     from handsynth.train import loop
@@ -268,7 +268,7 @@ def test_train_resume_and_generate_with_the_result(tiny_sd_dir, small_render_run
     real_step = loop.Trainer.train_step
 
     def crashing(self):
-        if self.step == 3:
+        if self.step == 2:
             raise RuntimeError("power cut")
         return real_step(self)
 
@@ -287,9 +287,9 @@ def test_train_resume_and_generate_with_the_result(tiny_sd_dir, small_render_run
     fresh = _fresh_guidance(tiny_sd_dir)
     assert any(not torch.equal(straight[k], fresh[k]) for k in straight)        # it did learn something
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-0000002",
-                                                                                    "step-0000004"]
+                                                                                    "step-0000003"]
     assert {p: p.read_bytes() for p in tiny_sd_dir.rglob("*.safetensors")} == frozen_files
 
     # nothing left to do: the same command again trains no step and keeps the weights
@@ -364,6 +364,18 @@ def test_bad_train_recipes_are_reported(tiny_sd_dir, tmp_path, capsys):
     native.write_text(native.read_text().replace("  format: png\n", "  format: png\n  fit: native\n"))
     assert main(["train", "--recipe", str(native), "--device", "cpu"]) == 2
     assert "one size" in capsys.readouterr().err
+    import importlib.util
+
+    eight_bit = write_train_recipe(tmp_path, tiny_sd_dir, train={"optimizer": "adamw-8bit"}, name="8bit.yaml")
+    if importlib.util.find_spec("bitsandbytes") is None:        # not a dependency: the error says how to get it
+        assert main(["train", "--recipe", str(eight_bit), "--device", "cpu", "--out", str(tmp_path / "o")]) == 3
+        assert "pip install bitsandbytes" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    else:
+        from handsynth.train.loop import make_optimizer
+        from handsynth.train.recipe import load_train_recipe
+
+        optimizer = make_optimizer(load_train_recipe(eight_bit).train, [torch.nn.Parameter(torch.zeros(4))])
+        assert type(optimizer).__name__ == "AdamW8bit"
 
 
 def test_gradient_accumulation_validation_and_a_foreign_out(tiny_sd_dir, small_render_run, tmp_path, capsys):

@@ -42,6 +42,7 @@ def train(
     from handsynth.train.recipe import load_train_recipe
 
     loaded = load_train_recipe(recipe)
+    loop.check_optimizer(loaded.train)
     guidance = resolve_guidance(loaded.model.guidance)
     defaults: dict[str, object] = {}
     inputs, frames, missing, note = read_frames(loaded, run)

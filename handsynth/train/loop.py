@@ -198,7 +198,7 @@ class Trainer:
         """One optimiser step (gradient accumulation included); returns the mean losses of its micro-batches."""
         from handsynth.attentionhand.tas import tas_processors
 
-        settings, acc = self.recipe.train, self.accelerator
+        settings = self.recipe.train
         sums: dict[str, float] = {}
         with tas_processors(self.models.unet, self.models.store):
             self._micro_batches(settings, sums)
@@ -279,6 +279,18 @@ class Trainer:
         return folder
 
 
+def check_optimizer(settings) -> None:
+    """MissingResourceError now (before models load) when ``optimizer: adamw-8bit`` lacks bitsandbytes."""
+    if settings.optimizer != "adamw-8bit":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingResourceError("train.optimizer is adamw-8bit, but bitsandbytes is not installed",
+                                   where="train.optimizer",
+                                   fix="pip install bitsandbytes (CUDA GPUs), or use optimizer: adamw")
+
+
 def make_optimizer(settings, parameters):
     """AdamW (torch), or bitsandbytes' 8-bit AdamW when ``optimizer: adamw-8bit`` and it is installed."""
     import torch
@@ -308,13 +320,17 @@ def run(trainer: Trainer, run_dir: rundir.RunDir, *, steps: int, manifest: dict[
 
     started = time.perf_counter()
     settings, out = trainer.recipe.train, trainer.out
-    with run_dir.open(**manifest) as rd:
+    main_process = trainer.accelerator.is_main_process
+    opened = run_dir.open(**manifest) if main_process else _Follower()   # only the main process owns the folder
+    trainer.accelerator.wait_for_everyone()
+    with opened as rd:
         found = latest_checkpoint(out) if rd.resuming else None
         if found is not None:
             trainer.load_checkpoint(*found)
             console.print(f"[dim]resuming from {found[1]} (step {found[0]})[/dim]")
         start = trainer.step
-        _trim_log(out / "log.jsonl", start)
+        if main_process:
+            _trim_log(out / "log.jsonl", start)
         writer = _tensorboard(out) if trainer.accelerator.is_main_process else None
         last = None
         with progress("steps") as bar:
@@ -348,6 +364,24 @@ def run(trainer: Trainer, run_dir: rundir.RunDir, *, steps: int, manifest: dict[
         elapsed = time.perf_counter() - started
         rd.finish(step=trainer.step, steps_this_run=trainer.step - start, elapsed_s=round(elapsed, 3))
     return Summary(out=out, start_step=start, steps=trainer.step, elapsed_s=elapsed, last_loss=last)
+
+
+class _Follower:
+    """What a non-main process holds instead of the run directory: it reads checkpoints, writes nothing."""
+
+    resuming = True           # the main process decided; a new folder simply has no checkpoint yet
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+    def finish(self, **fields: Any) -> None:
+        pass
 
 
 def _trim_log(path: Path, step: int) -> None:
