@@ -52,6 +52,16 @@ def generate(
     device: Annotated[Optional[str], typer.Option(
         "--device", help="torch device (default: cuda when available, else cpu - for tiny/test models "
                          "only).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Worker processes (Ray: actors), each loading the model once and claiming "
+                                 "batches of the grid (default: one per visible GPU with a bare --device cuda, "
+                                 "else 1). The files do not depend on it.")] = None,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="local: worker processes on this machine; ray: Ray Data actors on a Ray cluster "
+                          "(pip install 'handsynth[ray]'; --out must be on a filesystem every node sees).")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        "--address", help="Ray cluster to join (--backend ray), e.g. auto or ray://head:10001 (default: a new "
+                          "local Ray instance).")] = None,
 ) -> None:
     """Generate images for sample indices START..START+COUNT-1 of a recipe, resumably.
 
@@ -60,12 +70,14 @@ def generate(
     images/<key>, local/<key> (hand crops, when the render run has local mesh images) and
     samples/<key>.json (written last) plus manifest.json into --out.
     """
-    from handsynth.attentionhand.loading import load_pipeline, resolve_guidance
-    from handsynth.generate import runner
+    from handsynth.attentionhand.loading import resolve_guidance
+    from handsynth.generate.driver import generate_run
     from handsynth.generate.plan import find_inputs
-    from handsynth.attentionhand.tas import cross_attention_resolutions
-    from handsynth.prompts.recipe import check_tas_resolution, load_recipe
+    from handsynth.prompts.recipe import load_recipe
 
+    if address is not None and backend != "ray":
+        raise InputError("--address names a Ray cluster, which only --backend ray uses", where="--address",
+                         fix="add --backend ray, or drop --address")
     loaded = load_recipe(recipe)
     guidance = resolve_guidance(loaded.model.guidance)      # a wrong guidance path fails before anything runs
     defaults: dict[str, object] = {}
@@ -103,16 +115,7 @@ def generate(
 
     console.print(f"[dim]model: base {loaded.model.base}; guidance {guidance.describe()}; condition images "
                   f"{loaded.model.condition}[/dim]", soft_wrap=True)
-    model = {"base": loaded.model.base, "guidance": loaded.model.guidance,
-             "guidance_files_sha256": runner.guidance_files(loaded.model.guidance),
-             "scheduler": loaded.sampler.scheduler}
-    prints = runner.fingerprint(loaded, inputs, model, precision)
-    runner.check_out_dir(Path(out), prints)       # before the slow model load; nothing is created yet
-    pipe = load_pipeline(loaded.model.base, loaded.model.guidance, dtype=precision, device=device,
-                         scheduler=loaded.sampler.scheduler)
-    check_tas_resolution(loaded, pipe.vae_scale_factor, cross_attention_resolutions(
-        pipe.unet, loaded.image.size // pipe.vae_scale_factor))
-    summary = runner.run(loaded, inputs, pipe, out=Path(out), start=start, count=count, batch_size=batch_size,
-                         device=device, precision=precision, model=model, prints=prints)
+    summary = generate_run(loaded, inputs, out=Path(out), start=start, count=count, batch_size=batch_size,
+                           device=device, precision=precision, workers=workers, backend=backend, address=address)
     stdout.print(f"generated {summary.done} image(s), {summary.skipped} already done, into {summary.out} "
-                 f"in {summary.elapsed_s:.1f} s")
+                 f"in {summary.elapsed_s:.1f} s" + (f" on {summary.workers} workers" if summary.workers > 1 else ""))

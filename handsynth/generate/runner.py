@@ -1,83 +1,86 @@
-"""The local runner: generate samples ``[start, start + count)`` of a recipe into a run directory.
+"""The per-worker runner: generates batches of a plan into a run directory, overlapping I/O with the model.
 
-The run directory's layout is :mod:`handsynth.generate.layout`; :mod:`handsynth.rundir` locks it,
-refuses an ``out`` made with another recipe, model or inputs (compared by the manifest's
-fingerprint) and records how the run ended. Every file is written atomically; a finished file is
+The run directory's layout is :mod:`handsynth.generate.layout`; :mod:`handsynth.generate.driver` owns the
+run directory (lock, manifest, stray temporaries) and hands batches to one or more workers, each with its
+own :class:`Runner` (one loaded pipeline per worker). Every file is written atomically; a finished file is
 never rewritten.
 
-Batches lie on a fixed grid: batch k holds the indices ``[start + k*B, start + (k+1)*B)`` (B the
-batch size, the last batch shorter). A rerun skips batches whose samples are all complete (sample
-file parses, images match their recorded sha256) and generates every other batch WHOLE, writing
+Batches lie on a fixed grid (:class:`Job`): batch k holds the indices ``[start + k*B, start + (k+1)*B)``
+(B the batch size, the last batch shorter). A worker skips batches whose samples are all complete
+(sample file parses, images match their recorded sha256) and generates every other batch WHOLE, writing
 only its missing or damaged samples. What a sample is - frame, prompt, hand tokens, noise seeds -
-depends on (recipe, sample index) only; its pixels can still differ by float rounding with the
-batch it shares (kernels round per batch shape), and the grid makes that batch the same in every
-run with the same ``--start`` and ``--batch-size``: an interrupted and resumed run gives the same
-bytes as an uninterrupted one.
+depends on (recipe, sample index) only; its pixels can still differ by float rounding with the batch it
+shares (kernels round per batch shape), and the grid makes that batch the same in every run with the
+same ``--start`` and ``--batch-size``, whichever worker runs it: an interrupted and resumed run, or a run
+on any number of workers, gives the same bytes as an uninterrupted single-worker one.
+
+Overlap (:meth:`Runner.run`): while the model works on batch k, a reader thread checks which samples
+of batch k+1 are complete and reads, decodes and resamples its mesh images, and a writer pool encodes
+and writes the images of batch k-1 (each sample's images first, its sample file last).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io as _io
-import json
-import time
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handsynth import io, rundir
-from handsynth.console import progress
+from handsynth import io
 from handsynth.errors import InputError
 from handsynth.generate import layout
 from handsynth.generate.frame import SampleFrames, resample, sample_frames
-from handsynth.generate.plan import SEED_RULE, Inputs, Plan, SampleSpec
+from handsynth.generate.plan import Inputs, Plan, SampleSpec
 
-STAGE = layout.STAGE
-# Recipe fields that do not change any sample (left out of the fingerprint).
-NOT_FINGERPRINTED = {"output", "batch_size", "inputs"}
+@dataclass(frozen=True)
+class Job:
+    """What every worker of a run needs to know (picklable: sent to worker processes and Ray actors):
+    the recipe, inputs, run directory, index range on the batch grid, precision and model record."""
 
-
-@dataclass
-class Summary:
+    recipe: Any
+    inputs: Inputs
     out: Path
-    requested: int
+    start: int
+    count: int
+    batch_size: int
+    precision: str
+
+    @property
+    def batches(self) -> int:
+        """The number of batches of the grid."""
+        return -(-self.count // self.batch_size)
+
+    def batch(self, k: int) -> range:
+        """The sample indices of grid batch ``k``."""
+        first = self.start + k * self.batch_size
+        return range(first, min(first + self.batch_size, self.start + self.count))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a worker reports for one grid batch: how many samples it generated and how many were done."""
+
+    batch: int
     done: int
     skipped: int
-    elapsed_s: float
 
 
-def guidance_files(guidance: str) -> dict[str, str] | None:
-    """sha256 of a local guidance file, or of each .safetensors file of a local guidance folder (None for a
-    hub id or ``none``)."""
-    path = Path(guidance).expanduser()
-    if path.is_file():
-        return {path.name: io.sha256_file(path)}
-    if not path.is_dir():
-        return None
-    return {str(p.relative_to(path)): io.sha256_file(p) for p in sorted(path.rglob("*.safetensors"))}
+def load_pipeline(job: Job, device: str):
+    """The job's pipeline on ``device``, checked against the recipe's TAS resolution."""
+    from handsynth.attentionhand.loading import load_pipeline as load
+    from handsynth.attentionhand.tas import cross_attention_resolutions
+    from handsynth.prompts.recipe import check_tas_resolution
 
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint(recipe, inputs: Inputs, model: dict[str, Any], precision: str) -> dict[str, str]:
-    """What decides the samples, as digests: the recipe (less output/batch size/inputs), the inputs'
-    content, the model (ids/folders and guidance weights) and the precision."""
-    settings = recipe.model_dump(mode="json", exclude=NOT_FINGERPRINTED)
-    return {"recipe": _digest(settings), "inputs": inputs.sha256, "model": _digest(model),
-            "precision": precision}
-
-
-def run_dir(out: Path, prints: dict[str, str], command: list[str] | None = None) -> rundir.RunDir:
-    """The run directory ``out`` for a plan with fingerprint ``prints``."""
-    return rundir.RunDir(out, STAGE, fingerprint=prints, command=command, subdirs=layout.SUBDIRS)
-
-
-def check_out_dir(out: Path, prints: dict[str, str]) -> bool:
-    """Whether ``out`` holds an earlier run of the same plan to resume. Refuses (InputError) a folder made
-    by another stage, with another recipe/model/inputs/precision, or a non-empty folder that is no run."""
-    return run_dir(out, prints).check()
+    model = job.recipe.model
+    pipe = load(model.base, model.guidance, dtype=job.precision, device=device, scheduler=job.recipe.sampler.scheduler)
+    check_tas_resolution(job.recipe, pipe.vae_scale_factor, cross_attention_resolutions(
+        pipe.unet, job.recipe.image.size // pipe.vae_scale_factor))
+    return pipe
 
 
 def is_complete(out: Path, plan: Plan, index: int) -> bool:
@@ -116,26 +119,104 @@ class _Prepared:
     local_mesh: Any | None
 
 
-class Runner:
-    """Generates samples with one loaded pipeline; see the module docstring for the files it writes."""
+@dataclass
+class _Batch:
+    """A grid batch on its way through :meth:`Runner.run`: its specs, the samples to write (``todo``), the
+    reader's future (``todo`` and prepared samples) and the writer's futures."""
 
-    def __init__(self, recipe, pipe, out: Path, device: str):
+    k: int
+    specs: list[SampleSpec]
+    ready: Future | None = None
+    todo: set[int] | None = None
+    writes: list[Future] | None = None
+
+
+def default_writers() -> int:
+    """Writer threads per worker: enough to encode one batch's images while the next one runs."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+class Runner:
+    """One worker: generates grid batches of a :class:`Job` with one loaded pipeline (see the module docstring).
+
+    ``pipe``: an already loaded pipeline (the single-worker path and tests); without it the pipeline is
+    loaded here, once, on ``device``."""
+
+    def __init__(self, job: Job, device: str, pipe=None, *, writers: int | None = None):
         from handsynth.attentionhand.tas import TASConfig
 
-        self.recipe, self.pipe, self.out, self.device = recipe, pipe, Path(out), device
-        self.tas = TASConfig(**recipe.tas.model_dump())
-        self.ext = recipe.image.format
+        if pipe is None:
+            pipe = load_pipeline(job, device)
+        self.job, self.recipe, self.pipe, self.out, self.device = job, job.recipe, pipe, Path(job.out), device
+        self.plan = Plan(job.recipe, job.inputs.frames, pipe.tokenizer)
+        self.tas = TASConfig(**job.recipe.tas.model_dump())
+        self.ext = job.recipe.image.format
+        self.writers = writers or default_writers()
+        self._writer: ThreadPoolExecutor | None = None
 
-    def generate(self, specs: list[SampleSpec], write: set[int] | None = None) -> None:
+    # -- the worker loop --
+
+    def run(self, batches: Iterable[int]) -> Iterator[BatchResult]:
+        """Generate the grid batches ``batches`` (claimed lazily, one ahead of the model), yielding each
+        one's result once all its files are written. The next batch is checked and its mesh images read
+        while the model runs; the previous batch's images are encoded and written meanwhile."""
+        with ThreadPoolExecutor(1, thread_name_prefix="handsynth-read") as reader, \
+                ThreadPoolExecutor(self.writers, thread_name_prefix="handsynth-write") as writer:
+            self._writer = writer
+            try:
+                claims = iter(batches)
+                pending: deque[_Batch] = deque()
+                upcoming = self._claim(claims, reader)
+                while upcoming is not None:
+                    current, upcoming = upcoming, None
+                    todo, prepared = current.ready.result()
+                    upcoming = self._claim(claims, reader)        # read the next batch while this one runs
+                    current.todo = todo
+                    current.writes = self.generate(current.specs, todo, prepared=prepared) if todo else []
+                    pending.append(current)
+                    while len(pending) > 1:                        # the batch before: its writes had a model run
+                        yield self._finished(pending.popleft())
+                while pending:
+                    yield self._finished(pending.popleft())
+            finally:
+                self._writer = None
+
+    def _claim(self, claims: Iterator[int], reader: ThreadPoolExecutor) -> _Batch | None:
+        k = next(claims, None)
+        if k is None:
+            return None
+        specs = [self.plan(i) for i in self.job.batch(k)]   # tokenizer: on this thread only (not thread-safe)
+        batch = _Batch(k, specs)
+        batch.ready = reader.submit(self._read, specs)
+        return batch
+
+    def _read(self, specs: list[SampleSpec]) -> tuple[set[int], list[_Prepared] | None]:
+        """The samples of a batch still to write and, when there are any, the whole batch prepared."""
+        todo = {s.index for s in specs if not is_complete(self.out, self.plan, s.index)}
+        return todo, [self._prepare(s) for s in specs] if todo else None
+
+    @staticmethod
+    def _finished(batch: _Batch) -> BatchResult:
+        for future in batch.writes or ():
+            future.result()                                         # a write error stops the worker here
+        done = len(batch.todo or ())
+        return BatchResult(batch.k, done, len(batch.specs) - done)
+
+    # -- one batch --
+
+    def generate(self, specs: list[SampleSpec], write: set[int] | None = None, *,
+                 prepared: list[_Prepared] | None = None) -> list[Future]:
         """Generate one batch, then write the samples whose index is in ``write`` (default: all). Samples
         run together when they share the generated size and whether they have a local image (frames of
-        other aspects run apart)."""
+        other aspects run apart). Inside :meth:`run` the writes go to the writer pool and their futures
+        are returned; otherwise they are done before this returns (and the list is empty)."""
         groups: dict[tuple[bool, tuple[int, int]], list[_Prepared]] = {}
-        for spec in specs:
-            item = self._prepare(spec)
+        for item in prepared if prepared is not None else [self._prepare(spec) for spec in specs]:
             groups.setdefault((item.local_mesh is not None, item.frames.image.size), []).append(item)
+        writes: list[Future] = []
         for (has_local, size), group in groups.items():
-            self._generate_group(group, has_local, size, write)
+            writes += self._generate_group(group, has_local, size, write)
+        return writes
 
     def _prepare(self, spec: SampleSpec) -> _Prepared:
         """The sample's frames (from its render label and recipe image.fit/size) and its mesh images cut and
@@ -159,7 +240,7 @@ class Runner:
         return _Prepared(spec, frames, resample(mesh, frames.image), local)
 
     def _generate_group(self, items: list[_Prepared], has_local: bool, size: tuple[int, int],
-                        write: set[int] | None) -> None:
+                        write: set[int] | None) -> list[Future]:
         specs = [item.spec for item in items]
         meshes = [item.mesh for item in items]
         local_size = (self.recipe.image.size,) * 2
@@ -171,9 +252,15 @@ class Runner:
             images = self._call(specs, meshes, [s.seed for s in specs], size).images
             locals_ = self._call(specs, [item.local_mesh for item in items], [s.local_seed for s in specs],
                                  local_size).images if has_local else None
+        writes = []
         for n, item in enumerate(items):
             if write is None or item.spec.index in write:
-                self._write(item, images[n], locals_[n] if has_local else None)
+                local = locals_[n] if has_local else None
+                if self._writer is None:
+                    self._write(item, images[n], local)
+                else:
+                    writes.append(self._writer.submit(self._write, item, images[n], local))
+        return writes
 
     def _call(self, specs: list[SampleSpec], meshes: list, seeds: list[int], size: tuple[int, int],
               local_meshes: list | None = None, local_seeds: list[int] | None = None):
@@ -215,42 +302,3 @@ class Runner:
             record["local_image"] = item.frames.local_block
         io.write_json_atomic(layout.sample_path(self.out, spec.key), record)
 
-
-def run(recipe, inputs: Inputs, pipe, *, out: Path, start: int, count: int, batch_size: int, device: str,
-        precision: str, model: dict[str, Any], prints: dict[str, str], command: list[str] | None = None) -> Summary:
-    """Generate samples ``[start, start + count)`` into ``out`` (checked with :func:`check_out_dir`) on the
-    fixed batch grid (see the module docstring)."""
-    started = time.perf_counter()
-    plan = Plan(recipe, inputs.frames, pipe.tokenizer)
-    manifest = {
-        "recipe": {"path": str(recipe.path.resolve()) if recipe.path else None,
-                   "sha256": io.sha256_file(recipe.path) if recipe.path else None,
-                   "resolved": recipe.model_dump(mode="json")},
-        "inputs": {"kind": inputs.kind, **inputs.record},
-        "model": model, "precision": precision, "device": device, "seeds": SEED_RULE,
-        "batch_size": batch_size, "batch_grid": "batch k = sample indices [start + k*batch_size, "
-                                                "start + (k+1)*batch_size)",
-        "range": {"start": start, "count": count},
-        "layout": {"images": layout.output_ref("image", "<key>", recipe.image.format),
-                   "local": layout.output_ref("local", "<key>", recipe.image.format),
-                   "samples": "samples/<key>.json"},
-    }
-    done = skipped = 0
-    with run_dir(out, prints, command).open(counts={"requested": count}, **manifest) as run:
-        out = run.out
-        runner = Runner(recipe, pipe, out, device)
-        with progress("images") as bar:
-            task = bar.add_task("generate", total=count)
-            for first in range(start, start + count, batch_size):
-                batch = range(first, min(first + batch_size, start + count))
-                todo = {i for i in batch if not is_complete(out, plan, i)}
-                if todo:
-                    runner.generate([plan(i) for i in batch], write=todo)
-                done += len(todo)
-                skipped += len(batch) - len(todo)
-                bar.advance(task, len(batch))
-        elapsed = time.perf_counter() - started
-        complete = sum(1 for _ in (out / "samples").glob("*.json"))
-        run.finish(counts={"requested": count, "done": done, "skipped": skipped, "samples_in_out": complete},
-                   elapsed_s=round(elapsed, 3))
-    return Summary(out=out, requested=count, done=done, skipped=skipped, elapsed_s=elapsed)
