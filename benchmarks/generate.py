@@ -17,6 +17,24 @@ Output, one line per batch size (parsed by tests/test_pipeline.py), then the med
 (TAS-on time / TAS-off time), all batch sizes together:
     batch=4 tas_off_images_per_s=1.2345 tas_on_images_per_s=0.8765 tas_time_share=0.2900
     tas_ratio: 1.4100
+
+``--mode scale`` measures, on the same components, TAS off and the global branch only, interleaved per
+repeat: AttentionHandPipeline vs diffusers' StableDiffusionControlNetPipeline (same steps, size, batch,
+guidance scale, output tensors), and ``handsynth generate``'s worker end to end (reading and decoding
+mesh image files, generating, encoding and writing JPEGs and sample files: Runner.run with its read-ahead
+thread and writer pool) vs the pipeline alone on the same prompts and in-memory mesh images (PIL output).
+GPU options (``--channels-last``, ``--vae-bf16``, ``--fuse-qkv``, ``--compile``; see
+handsynth.attentionhand.speed) apply to the shared components, so both pipelines get them:
+
+    python benchmarks/generate.py --mode scale --dtype bf16 --batch-sizes 1 8 16 --peak-tflops 989
+    python benchmarks/generate.py --mode scale --device cpu --tiny --steps 4      # the script itself, on CPU
+
+    batch=8 handsynth_images_per_s=2.1 diffusers_images_per_s=2.0 end_to_end_images_per_s=2.05 pipeline_images_per_s=2.1 flop_share=0.31
+    pipeline_vs_diffusers: 1.0100
+    end_to_end_vs_pipeline: 0.9800
+
+(ratios: medians over batch sizes and repeats of the per-repeat speed ratios; ``flop_share`` only with
+``--peak-tflops``: images/s x FLOP per image / peak, FLOP per image from the SD1.5 count below.)
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -135,6 +154,108 @@ def timed(pipe, batch: int, size: tuple[int, int], steps: int, tas: TASConfig | 
     return time.perf_counter() - start
 
 
+# FLOP of one SD1.5 512x512 image (FlopCounterMode, see issue 9): UNet 0.80 + guidance module 0.28 TFLOP per
+# latent row and step (classifier-free guidance: 2 rows), VAE decode 2.5 TFLOP; scaled with the pixel count.
+UNET_GUIDANCE_TFLOP_PER_ROW_STEP, VAE_DECODE_TFLOP = 0.80 + 0.28, 2.5
+
+
+def flop_per_image(steps: int, size: tuple[int, int]) -> float:
+    return 1e12 * (2 * steps * UNET_GUIDANCE_TFLOP_PER_ROW_STEP + VAE_DECODE_TFLOP) * size[0] * size[1] / 512**2
+
+
+def diffusers_pipeline(pipe):
+    """diffusers' StableDiffusionControlNetPipeline on the same component objects as ``pipe``."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    return StableDiffusionControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        controlnet=pipe.controlnet, scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def end_to_end_setup(workdir: Path, batch: int, size: tuple[int, int], steps: int, device: str, pipe):
+    """A generate worker (Runner) over ``batch`` mesh image files, and the same work for the pipeline alone."""
+    from PIL import Image
+
+    from handsynth.generate.plan import FrameInput, Inputs
+    from handsynth.generate.runner import Job, Runner
+    from handsynth.prompts.recipe import Recipe
+
+    rng = np.random.default_rng(1)
+    frames = []
+    for i in range(batch):
+        path = workdir / "meshes" / f"f{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        frames.append(FrameInput(key=f"f{i:05d}", mesh=path, mesh_ref=str(path), text=PROMPT))
+    recipe = Recipe(sampler={"steps": steps}, tas={"enabled": False}, batch_size=batch,
+                    image={"size": size[0], "fit": "stretch", "format": "jpg"})
+    inputs = Inputs(kind="modalities", path=workdir, frames=frames, sha256="-", record={})
+    counter = [0]
+
+    def end_to_end() -> None:        # a fresh run directory each time: every sample is generated and written
+        counter[0] += 1
+        out = workdir / f"run{counter[0]}"
+        out.mkdir()
+        runner = Runner(Job(recipe, inputs, out, 0, batch, batch, "fp32"), device, pipe)
+        for _ in runner.run(range(1)):
+            pass
+
+    meshes = [Image.open(f.mesh).convert("RGB") for f in frames]
+    runner = Runner(Job(recipe, inputs, workdir, 0, batch, batch, "fp32"), device, pipe)
+    specs = [runner.plan(i) for i in range(batch)]
+
+    def alone() -> None:
+        runner._call(specs, meshes, [s.seed for s in specs], size)
+
+    return end_to_end, alone
+
+
+def scale_mode(args, pipe, size: tuple[int, int], workdir: Path) -> int:
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sd = diffusers_pipeline(pipe)
+    sd.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+
+    def clock(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    ratios_sd, ratios_e2e = [], []
+    for batch in args.batch_sizes:
+        meshes = [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(batch)]
+        gens = lambda: [torch.Generator(args.device).manual_seed(i) for i in range(batch)]  # noqa: E731
+        common = dict(num_inference_steps=args.steps, guidance_scale=9.0, height=size[1], width=size[0],
+                      output_type="pt")
+        ours = lambda: pipe([PROMPT] * batch, meshes, generator=gens(), tas=None, **common)  # noqa: E731
+        theirs = lambda: sd([PROMPT] * batch, [Image.fromarray(m) for m in meshes], generator=gens(),  # noqa: E731
+                            negative_prompt=[""] * batch, eta=0.0, controlnet_conditioning_scale=1.0, **common)
+        end_to_end, alone = end_to_end_setup(workdir / f"b{batch}", batch, size, args.steps, args.device, pipe)
+        for fn in (ours, theirs, end_to_end, alone):                     # warm-up
+            fn()
+        times = {name: [] for name in ("ours", "theirs", "e2e", "alone")}
+        for r in range(args.repeats):
+            order = [("ours", ours), ("theirs", theirs), ("e2e", end_to_end), ("alone", alone)]
+            for name, fn in order if r % 2 == 0 else order[::-1]:
+                times[name].append(clock(fn))
+        t = {name: np.asarray(v) for name, v in times.items()}
+        ratios_sd += list(t["theirs"] / t["ours"])
+        ratios_e2e += list(t["alone"] / t["e2e"])
+        speed = {name: batch * args.repeats / v.sum() for name, v in t.items()}
+        line = (f"batch={batch} handsynth_images_per_s={speed['ours']:.4f} diffusers_images_per_s="
+                f"{speed['theirs']:.4f} end_to_end_images_per_s={speed['e2e']:.4f} "
+                f"pipeline_images_per_s={speed['alone']:.4f}")
+        if args.peak_tflops:
+            line += f" flop_share={speed['ours'] * flop_per_image(args.steps, size) / (args.peak_tflops * 1e12):.4f}"
+        print(line, flush=True)
+    print(f"pipeline_vs_diffusers: {float(np.median(ratios_sd)):.4f}")
+    print(f"end_to_end_vs_pipeline: {float(np.median(ratios_e2e)):.4f}")
+    return 0
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
@@ -157,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local", action="store_true", help="also run the local branch (2 images per sample)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a busy shared CPU)")
     ap.add_argument("--size", type=_size, help="generated frame WxH, multiples of 8 (default 512x512; tiny: 64x64)")
+    ap.add_argument("--mode", choices=["tas", "scale"], default="tas",
+                    help="tas: TAS off vs on (default); scale: vs diffusers, end to end vs the pipeline alone")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s at --dtype, for flop_share")
+    ap.add_argument("--channels-last", action="store_true", help="UNet, guidance module and VAE in NHWC")
+    ap.add_argument("--vae-bf16", action="store_true", help="decode with the VAE in bf16")
+    ap.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections (scale mode: TAS is off)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet and the guidance module")
     args = ap.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -171,12 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ((64, 64) if args.tiny else (512, 512))
     tas = TASConfig(max_steps=tas_steps)
 
+    from handsynth.attentionhand import speed
+
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(args.tiny, args.device, dtype, Path(tmp))
-    pipe.set_progress_bar_config(disable=True)
-    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    print(f"device={name} dtype={dtype} size={size[0]}x{size[1]} steps={steps} tas_steps={tas_steps} repeats={repeats} "
-          f"local={args.local} {'tiny' if args.tiny else 'sd15'}")
+        speed.apply(pipe, channels_last=args.channels_last, vae_dtype=torch.bfloat16 if args.vae_bf16 else None,
+                    fuse_qkv=args.fuse_qkv, compile=args.compile)
+        pipe.set_progress_bar_config(disable=True)
+        name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+        options = [o for o in ("channels_last", "vae_bf16", "fuse_qkv", "compile") if getattr(args, o)]
+        print(f"device={name} dtype={dtype} size={size[0]}x{size[1]} steps={steps} tas_steps={tas_steps} "
+              f"repeats={repeats} local={args.local} {'tiny' if args.tiny else 'sd15'} mode={args.mode} "
+              f"options={','.join(options) or 'none'}")
+        if args.mode == "scale":
+            return scale_mode(args, pipe, size, Path(tmp))
     t_off = np.zeros((len(args.batch_sizes), repeats))
     t_on = np.zeros_like(t_off)
     for b, batch in enumerate(args.batch_sizes):

@@ -194,3 +194,38 @@ def test_benchmark_tiny_mode_prints_parsable_figures(capsys):
     off_time = sum(int(b) / float(off) for b, off, _, _ in rows)
     on_time = sum(int(b) / float(on) for b, _, on, _ in rows)
     assert ratio == pytest.approx(on_time / off_time, rel=2e-3)
+
+
+def test_speed_options_keep_the_images(clip_tokenizer_dir):
+    """The GPU options' CPU path: channels_last, a bf16 VAE and fused QKV projections give the same images
+    up to rounding (bf16 decode: a few 8-bit levels), and the VAE really runs in bf16."""
+    from handsynth.attentionhand import speed
+
+    args = dict(prompt=PROMPTS[:2], mesh_image=mesh_images(2), hand_token_indices=TOKENS[:2], **FAST)
+    plain = make_pipeline(clip_tokenizer_dir)(generator=gens(1, 2), **args).images
+    fast = speed.apply(make_pipeline(clip_tokenizer_dir), channels_last=True, vae_dtype=torch.bfloat16, fuse_qkv=True)
+    assert fast.vae.dtype == torch.bfloat16 and fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = fast(generator=gens(1, 2), **args).images
+    assert got.shape == plain.shape and np.abs(got - plain).max() < 0.05 and np.abs(got - plain).mean() < 0.01
+
+
+def test_benchmark_scale_mode_prints_parsable_ratios(capsys):
+    """``--mode scale``: handsynth vs diffusers and end to end vs the pipeline alone, per batch, then ratios
+    that are the medians of what the lines imply (one repeat: the ratio of the speeds)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "generate.py"
+    spec = importlib.util.spec_from_file_location("handsynth_benchmark_generate_scale", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.main(["--mode", "scale", "--device", "cpu", "--tiny", "--batch-sizes", "2", "--steps", "1",
+                           "--repeats", "1", "--peak-tflops", "1"]) == 0
+    stdout = capsys.readouterr().out
+    row = re.search(r"^batch=2 handsynth_images_per_s=([\d.]+) diffusers_images_per_s=([\d.]+) "
+                    r"end_to_end_images_per_s=([\d.]+) pipeline_images_per_s=([\d.]+) flop_share=([\d.]+)$",
+                    stdout, re.M)
+    assert row, stdout
+    ours, theirs, e2e, alone, share = (float(v) for v in row.groups())
+    assert min(ours, theirs, e2e, alone) > 0
+    lines = dict(line.split(": ") for line in stdout.splitlines() if ": " in line)
+    assert float(lines["pipeline_vs_diffusers"]) == pytest.approx(ours / theirs, rel=5e-3)
+    assert float(lines["end_to_end_vs_pipeline"]) == pytest.approx(e2e / alone, rel=5e-3)
+    assert share == pytest.approx(ours * benchmark.flop_per_image(1, (64, 64)) / 1e12, rel=5e-3)

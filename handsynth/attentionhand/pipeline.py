@@ -123,6 +123,7 @@ class AttentionHandPipeline(DiffusionPipeline):
                          mid_block_additional_residual=mid, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor, output_type: str):
+        latents = latents.to(self.vae.dtype)          # the VAE may run in its own dtype (attentionhand.speed)
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(images, output_type=output_type)
 

@@ -43,6 +43,7 @@ from handsynth.generate.runner import BatchResult, Job, Runner, load_pipeline
 
 STAGE = layout.STAGE
 BACKENDS = ("local", "ray")
+RAY_BATCHES = 4         # grid batches per Ray Data call: the actor's runner overlaps I/O across them
 # Recipe fields that do not change any sample (left out of the fingerprint).
 NOT_FINGERPRINTED = {"output", "batch_size", "inputs"}
 
@@ -259,9 +260,12 @@ def _init_ray(address: str | None):
     except ImportError:
         raise MissingResourceError("--backend ray needs Ray Data, which is not installed", where="--backend",
                                    fix="pip install 'handsynth[ray]' (or use --backend local)") from None
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.WARNING)       # handsynth shows its own progress
     if not ray.is_initialized():
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 
 
@@ -289,8 +293,10 @@ def _ray_results(job: Job, devices: list[str], device: str) -> Iterator[BatchRes
     import ray
 
     gpu = device.startswith("cuda")
+    # A GPU actor takes a GPU (and Ray's default CPU); a CPU actor (tiny test models) half a CPU, so that Ray
+    # Data's own read task still fits beside two actors on a two-core machine.
     data = ray.data.range(job.batches).map_batches(
-        RayWorker, fn_constructor_args=(job, "cuda" if gpu else "cpu"), batch_size=2, concurrency=len(devices),
-        num_gpus=1 if gpu else 0, num_cpus=1 if not gpu else None)
+        RayWorker, fn_constructor_args=(job, "cuda" if gpu else "cpu"), batch_size=RAY_BATCHES,
+        concurrency=len(devices), **({"num_gpus": 1} if gpu else {"num_cpus": 0.5}))
     for row in data.iter_rows():
         yield BatchResult(int(row["batch"]), int(row["done"]), int(row["skipped"]))
