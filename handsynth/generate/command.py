@@ -1,4 +1,5 @@
-"""``handsynth generate``: a recipe's prompts + mesh images -> generated images, on this machine."""
+"""``handsynth generate``: a recipe's prompts + mesh images -> generated images, on this machine's GPUs or a
+Ray cluster (the work below the command line: :func:`handsynth.generate.driver.generate_run`)."""
 
 from __future__ import annotations
 
