@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from handsynth import errors, io, rundir
-from handsynth.console import console, progress
+from handsynth.console import progress
 from handsynth.errors import InputError, MissingResourceError
 from handsynth.generate import layout
 from handsynth.generate.plan import SEED_RULE, Inputs
