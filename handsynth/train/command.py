@@ -35,7 +35,7 @@ def train(
     from handsynth.attentionhand.loading import load_guidance_module, load_pipeline, resolve_guidance
     from handsynth.attentionhand.tas import cross_attention_resolutions
     from handsynth.generate.command import _device
-    from handsynth.generate.runner import guidance_files
+    from handsynth.generate.driver import guidance_files
     from handsynth.prompts.recipe import check_tas_resolution
     from handsynth.train import loop
     from handsynth.train.data import TrainData, read_frames
