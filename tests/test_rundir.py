@@ -110,9 +110,11 @@ def test_a_sigkilled_run_is_recognised_as_stale_and_resumed(tmp_path, capsys):
 
 
 STOPPED_CHILD = """
-import sys, time
+import signal, sys, time
 from handsynth import cli
 from handsynth.rundir import RunDir
+
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, whatever the test runner set
 
 @cli.app.command("sleepy")          # a command that holds a run open, registered for this child only
 def sleepy(out: str) -> None:
@@ -134,7 +136,7 @@ def test_ctrl_c_and_sigterm_end_a_run_as_interrupted_with_the_resume_advice(tmp_
     try:
         assert child.stdout.readline().strip() == "ready"
         child.send_signal(sig)
-        _, err = child.communicate(timeout=60)
+        _, err = child.communicate(timeout=180)
     finally:
         child.kill()
     assert child.returncode == code, err
