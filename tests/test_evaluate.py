@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -367,6 +368,22 @@ def test_evaluate_command_without_models_says_what_it_skipped(small_render_run, 
     assert inception.INCEPTION_FILE in captured.err and "--build-hand-model" in captured.err
     assert len((run / "evaluation" / "samples.jsonl").read_text().splitlines()) == 4
     assert (run / "evaluation" / "report.html").is_file()
+
+
+def test_a_second_evaluation_of_the_same_out_is_refused_naming_the_first(small_render_run, tmp_path, capsys):
+    from handsynth import rundir
+
+    run = make_generate_run(tmp_path / "gen", small_render_run, 2)
+    out = tmp_path / "eval"
+    out.mkdir()
+    with rundir.Lock(out / rundir.LOCK) as held:
+        assert held.acquire(["handsynth", "evaluate", "--out", "first"])
+        assert main(["evaluate", "--run", str(run), "--out", str(out)]) == 4
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"pid {os.getpid()}" in err and "handsynth evaluate --out first" in err, err
+        assert not (out / "summary.json").exists()
+    assert main(["evaluate", "--run", str(run), "--out", str(out)]) == 0      # free once the first one ended
+    assert (out / "summary.json").is_file() and not (out / rundir.LOCK).exists()
 
 
 def test_evaluate_bad_inputs(tmp_path, small_render_run, capsys):

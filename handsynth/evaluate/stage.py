@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,33 +211,37 @@ def run_evaluation(generated: list[Item], real: list[Item] | None, out: Path, *,
 
     started = time.perf_counter()
     out = io.ensure_writable_dir(out)
-    cache = out / CACHE
-    cache.mkdir(exist_ok=True)
-    evaluator = Evaluator(extractor, landmarker, crop_scale=protocol["crop"]["scale"], device=device)
-    fake = evaluate_set("generated", generated, evaluator, cache, protocol)
-    sets = {"generated": fake}
-    figures: dict[str, Any] = {"generated": {}, "real": {}}
-    if real:
-        sets["real"] = evaluate_set("real", real, evaluator, cache, protocol)
-        if extractor is not None:
-            figures["generated"].update(distribution_figures(sets["real"], fake))
-            # the real set against itself split in two halves: how low FID/KID go for real images
-            halves = _halves(sets["real"])
-            figures["real"].update(distribution_figures(*halves))
-            figures["real"]["note"] = ("FID/KID of the real set's first half against its second half (the floor "
-                                       "for this set size)")
-    if landmarker is not None:
-        for name, result in sets.items():
-            figures[name].update(hands_mod.aggregate([r for r in result.records if "hands" in r]))
-    write_samples(out, fake.records)
-    summary = rundir.new_manifest(
-        STAGE, command, status="complete", inputs=inputs, protocol=protocol, skipped=skipped,
-        counts={name: {"images": len(r.items), "hands": sum(len(i.hands) for i in r.items),
-                       "reused_chunks": r.reused_chunks} for name, r in sets.items()},
-        figures=figures, paper=PAPER_TABLE1, elapsed_s=round(time.perf_counter() - started, 3))
-    write_report(out, summary, fake)
-    io.write_json_atomic(out / SUMMARY, summary)
-    return summary
+    lock = rundir.Lock(out / rundir.LOCK)     # one evaluation at a time writes ``out``
+    if not lock.acquire(command if command is not None else sys.argv):
+        raise rundir.busy(out, lock)
+    with lock:
+        cache = out / CACHE
+        cache.mkdir(exist_ok=True)
+        evaluator = Evaluator(extractor, landmarker, crop_scale=protocol["crop"]["scale"], device=device)
+        fake = evaluate_set("generated", generated, evaluator, cache, protocol)
+        sets = {"generated": fake}
+        figures: dict[str, Any] = {"generated": {}, "real": {}}
+        if real:
+            sets["real"] = evaluate_set("real", real, evaluator, cache, protocol)
+            if extractor is not None:
+                figures["generated"].update(distribution_figures(sets["real"], fake))
+                # the real set against itself split in two halves: how low FID/KID go for real images
+                halves = _halves(sets["real"])
+                figures["real"].update(distribution_figures(*halves))
+                figures["real"]["note"] = ("FID/KID of the real set's first half against its second half (the floor "
+                                           "for this set size)")
+        if landmarker is not None:
+            for name, result in sets.items():
+                figures[name].update(hands_mod.aggregate([r for r in result.records if "hands" in r]))
+        write_samples(out, fake.records)
+        summary = rundir.new_manifest(
+            STAGE, command, status="complete", inputs=inputs, protocol=protocol, skipped=skipped,
+            counts={name: {"images": len(r.items), "hands": sum(len(i.hands) for i in r.items),
+                           "reused_chunks": r.reused_chunks} for name, r in sets.items()},
+            figures=figures, paper=PAPER_TABLE1, elapsed_s=round(time.perf_counter() - started, 3))
+        write_report(out, summary, fake)
+        io.write_json_atomic(out / SUMMARY, summary)
+        return summary
 
 
 def _halves(result: SetResult) -> tuple[SetResult, SetResult]:
