@@ -6,9 +6,10 @@ holding only what a user has: the label files and the model folders.
     handsynth export --format webdataset
 
 ``test_render_generate_export_chain`` (fast): outdoor.yaml is the user's copy of the shipped recipe, edited
-for the tiny test model (64 px, 2 steps). ``test_design_card_commands_typed_exactly_in_a_fresh_folder``
-(about a minute on 2 cores): no recipe file at all - the shipped outdoor.yaml as it is (512 px, 20 steps, TAS) on an SD1.5-shaped
-tiny model in a Hugging Face cache, each command run as a separate process through the installed script.
+for the tiny test model (64 px, 2 steps) and asking for the local branch too; a second, default recipe
+(one image per sample) is exported in both layouts. ``test_design_card_commands_typed_exactly_in_a_fresh_folder``
+(about a minute on 2 cores): no recipe file at all - the shipped outdoor.yaml as it is (512 px, 20 steps, TAS,
+one image per sample) on an SD1.5-shaped tiny model in a Hugging Face cache, each command run as a separate process through the installed script.
 
 The source frames are non-square (the real InterHand excerpt: 334x512 and 512x334). Defaults connect
 the stages (newest run under ./runs; image.fit crop). The exported labels must equal what render wrote
@@ -61,7 +62,7 @@ def test_render_generate_export_chain(tmp_path, monkeypatch, mano_dir, tiny_sd_d
     monkeypatch.chdir(work)
     monkeypatch.setenv("HANDSYNTH_MANO_DIR", str(mano_dir))
     assert main(["recipes", "copy", "outdoor"]) == 0      # the user's copy, edited for the tiny model:
-    write_gen_recipe(work, tiny_sd_dir, tiny_guidance_dir, name="outdoor.yaml")
+    write_gen_recipe(work, tiny_sd_dir, tiny_guidance_dir, name="outdoor.yaml", extra="branches: [global, local]\n")
     assert main("render --labels interhand.json".split()) == 0
     assert main("generate --recipe outdoor.yaml --count 5".split()) == 0
     assert main("export --format webdataset".split()) == 0
@@ -71,7 +72,7 @@ def test_render_generate_export_chain(tmp_path, monkeypatch, mano_dir, tiny_sd_d
     shards = sorted(Path("shards").rglob("*.tar"))
     samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False))
     assert len(samples) == 5
-    meshes = {}
+    meshes, blocks_by_key = {}, {}
     frames = [json.loads(line)["key"] for line in (render_run / "labels.jsonl").read_text().splitlines()]
     for index, sample in enumerate(samples):
         record = json.loads(sample["json"])
@@ -89,6 +90,7 @@ def test_render_generate_export_chain(tmp_path, monkeypatch, mano_dir, tiny_sd_d
                 X = np.asarray(src["joints_cam"])
                 np.testing.assert_allclose((X @ K.T)[:, :2] / X[:, 2:], hand["joints_2d"], atol=0.05)
         meshes[sample["__key__"]] = sample["mesh.png"]
+        blocks_by_key[sample["__key__"]] = blocks["image"]
         meshes[sample["__key__"] + "-local"] = sample["local_mesh.png"]
 
     # the README's loader line, in a DataLoader with more workers than this export has shards
@@ -119,6 +121,21 @@ def test_render_generate_export_chain(tmp_path, monkeypatch, mano_dir, tiny_sd_d
         np.testing.assert_allclose(union, [xs.min(), ys.min(), xs.max(), ys.max()], atol=1.5)
         centres = [h["center"] for h in load_pyd(sample["data.pyd"])]
         assert centres and all(np.min(np.abs((boxes[:, :2] + boxes[:, 2:]) / 2 - c).sum(1)) < 1e-3 for c in centres)
+
+    # the default recipe (branches [global]): one image per sample, and both layouts export it without local
+    # members or -local samples, with the same labels for the same sample indices
+    write_gen_recipe(work, tiny_sd_dir, tiny_guidance_dir, name="global.yaml")
+    assert main("generate --recipe global.yaml --count 5".split()) == 0
+    assert not (Path("runs") / "global-gen" / "local").exists()
+    for layout in ("handsynth", "hamer"):
+        out = f"global-{layout}"
+        assert main(["export", "--run", "runs/global-gen", "--layout", layout, "--out", out]) == 0
+        found = list(wds.WebDataset([str(p) for p in sorted(Path(out).glob("*.tar"))], shardshuffle=False))
+        assert [s["__key__"] for s in found] == [f"{frames[i % len(frames)]}_v{i // len(frames):05d}" for i in range(5)]
+        for sample in found:
+            record = json.loads(sample["json"])
+            assert "local_image" not in record and not any(k.startswith("local") for k in sample)
+            assert record["image"] == blocks_by_key[sample["__key__"]]
 
 
 # --- the design card, typed exactly, in an empty folder outside the repository ---------------------------
@@ -186,8 +203,8 @@ def test_design_card_commands_typed_exactly_in_a_fresh_folder(tmp_path, mano_dir
     for sample in samples:
         record = json.loads(sample["json"])
         generation = record.pop("generation")
-        assert {"image", "local_image"} <= set(record) and record.pop("image")["size"] == [512, 512]
-        record.pop("local_image")
+        assert "local_image" not in record and record.pop("image")["size"] == [512, 512]   # branches [global]
+        assert not any(member.startswith("local") for member in sample)
         assert record == json.loads((render_run / "labels" / f"{record['key']}.json").read_text())
         assert record["original"]["image"]["file_name"]              # the InterHand annotation, unchanged
         assert sample["jpg"] == (gen_run / "images" / f"{sample['__key__']}.jpg").read_bytes()

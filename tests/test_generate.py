@@ -37,9 +37,10 @@ def frames_of(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_sd_dir, tiny_guidance_dir, small_render_run, tmp_path_factory):
-    """Samples 0..n_frames (one second variant) generated with batch size 1."""
+    """Samples 0..n_frames (one second variant) generated with batch size 1, global and local images."""
     folder = tmp_path_factory.mktemp("gen-ref")
-    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {small_render_run}\n")
+    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir,
+                              extra=f"inputs:\n  run: {small_render_run}\nbranches: [global, local]\n")
     count = len(frames_of(small_render_run)) + 1
     code = main(["generate", "--recipe", str(recipe), "--device", "cpu", "--count", str(count),
                  "--batch-size", "1", "--out", str(folder / "out")])
@@ -78,8 +79,9 @@ def test_samples_follow_the_plan(reference, small_render_run, clip_tokenizer):
     assert {len({h["side"] for h in f["hands"]}) for f in frames} == {1, 2}  # one- and two-hand frames
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "generate" and manifest["status"] == "complete"
-    assert manifest["counts"] == {"requested": reference["count"], "done": reference["count"], "skipped": 0,
-                                  "samples_in_out": reference["count"]}
+    n = reference["count"]
+    assert manifest["counts"] == {"requested": n, "done": n, "skipped": 0, "samples_in_out": n,
+                                  "images_requested": 2 * n, "images_done": 2 * n, "images_skipped": 0}
     assert manifest["inputs"]["kind"] == "run" and manifest["inputs"]["run"] == str(small_render_run.resolve())
     assert manifest["inputs"]["manifest_sha256"] == sha256_file(small_render_run / "manifest.json")
     assert manifest["recipe"]["sha256"] == sha256_file(reference["recipe"])
@@ -120,7 +122,8 @@ def test_resume_completes_only_missing_samples(reference, tmp_path, capsys):
     assert code == 0
     first = snapshot(out)
     code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--out", str(out), *one)
-    assert code == 0 and f"{reference['count'] - 2} image(s), 2 already done" in text
+    assert code == 0 and (f"generated {2 * (reference['count'] - 2)} image(s) ({reference['count'] - 2} sample(s) x "
+                          f"global + local), 4 already done") in text, text
     second = snapshot(out)
     for name, value in first.items():
         if name != "manifest.json":
@@ -132,7 +135,7 @@ def test_resume_completes_only_missing_samples(reference, tmp_path, capsys):
     victim = sorted((out / "samples").glob("*.json"))[1]
     victim.unlink()
     code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--out", str(out), *one)
-    assert code == 0 and "generated 1 image(s)" in text
+    assert code == 0 and "generated 2 image(s) (1 sample(s) x global + local)" in text
     third = snapshot(out)
     redone = {f"samples/{victim.name}", f"images/{victim.stem}.png", f"local/{victim.stem}.png"}
     for name, value in second.items():
@@ -149,7 +152,7 @@ def test_resume_completes_only_missing_samples(reference, tmp_path, capsys):
     for stray in strays:
         stray.write_bytes(b"half a file")
     code, text = gen(capsys, reference["recipe"], "--count", str(reference["count"]), "--out", str(out), *one)
-    assert code == 0 and "generated 1 image(s)" in text, text
+    assert code == 0 and "generated 2 image(s) (1 sample(s) x global + local)" in text, text
     assert lost.read_bytes() == reference["files"][f"images/{lost.name}"][0]
     assert not any(stray.exists() for stray in strays)
     fourth = snapshot(out)
@@ -188,7 +191,7 @@ def test_resume_redoes_whole_batches_of_the_grid_to_the_same_bytes(reference, tm
     monkeypatch.setattr(Runner, "generate", lambda self, specs, write=None, **kw: (
         batches.append(([s.index for s in specs], sorted(write))), real(self, specs, write, **kw))[1])
     code, text = gen(capsys, reference["recipe"], "--out", str(out), *two)
-    assert code == 0 and "generated 2 image(s), 2 already done" in text, text
+    assert code == 0 and "generated 4 image(s) (2 sample(s) x global + local), 4 already done" in text, text
     assert batches == [([0, 1], [1]), ([2, 3], [3])]
     assert "left 'running' by a process that stopped without finishing" in text
     after = snapshot(out)
@@ -293,6 +296,53 @@ def test_modalities_inputs(tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir, cli
     assert json.loads((out / "manifest.json").read_text())["inputs"]["kind"] == "modalities"
 
 
+def test_a_sample_is_one_image_unless_the_recipe_asks_for_the_local_branch(reference, tmp_path, capsys,
+                                                                          small_render_run):
+    """Default branches [global]: one image per sample (no local/ images, no local seed), counted as images
+    in the summary and the manifest; the plan (prompt, tokens, seed, frame) is the reference's."""
+    default = reference["recipe"].with_name("global-only.yaml")
+    default.write_text(reference["recipe"].read_text().replace("branches: [global, local]\n", ""))
+    out = tmp_path / "global"
+    code, text = gen(capsys, default, "--count", "3", "--out", str(out))
+    assert code == 0, text
+    assert "generated 3 image(s), 0 already done" in text and "global + local" not in text
+    assert sorted(p.parent.name for p in out.rglob("*.png")) == ["images"] * 3 and not (out / "local").exists()
+    for path in (out / "samples").glob("*.json"):
+        sample = json.loads(path.read_text())
+        both = json.loads((reference["out"] / "samples" / path.name).read_text())
+        assert sample["outputs"] == {"image": both["outputs"]["image"]} and sample["local_seed"] is None
+        assert sample["mesh"] == {"global": both["mesh"]["global"]} and "local_image" not in sample
+        for field in ("index", "frame", "prompt", "hand_token_indices", "seed", "image"):
+            assert sample[field] == both[field], field
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts == {"requested": 3, "done": 3, "skipped": 0, "samples_in_out": 3, "images_requested": 3,
+                      "images_done": 3, "images_skipped": 0}
+    code, text = gen(capsys, default, "--count", "3", "--out", str(out))
+    assert code == 0 and "generated 0 image(s), 3 already done" in text, text
+
+
+def test_the_local_branch_needs_local_mesh_images(tmp_path, capsys, tiny_sd_dir, tiny_guidance_dir):
+    recipe = write_gen_recipe(tmp_path, tiny_sd_dir, tiny_guidance_dir, prompts="",
+                              extra=f"inputs:\n  modalities: {MODALITIES}\nbranches: [global, local]\n")
+    code, text = gen(capsys, recipe, "--out", str(tmp_path / "out"))
+    assert code == 2 and "field 'branches'" in text and "no local mesh images" in text, text
+    assert "branches: [global]" in text and "Traceback" not in text and not (tmp_path / "out").exists()
+
+
+def test_plan_counts_images_per_frame():
+    """Plan.images equals a sample-by-sample count for any range (frames with and without a local image)."""
+    from handsynth.generate.plan import FrameInput, Plan
+    from handsynth.prompts.recipe import Recipe
+
+    frames = [FrameInput(key=f"f{i}", mesh=Path("m.png"), mesh_ref="m.png",
+                         local=Path("l.png") if i in (1, 3) else None) for i in range(5)]
+    plan = Plan(Recipe(), frames, None)
+    for start in (0, 1, 4, 7, 23):
+        for count in (1, 2, 5, 6, 11, 37):
+            assert plan.images(start, count) == sum(1 + (frames[i % 5].local is not None)
+                                                    for i in range(start, start + count)), (start, count)
+
+
 def test_defaults_pick_the_newest_render_run(tmp_path, capsys, monkeypatch, tiny_sd_dir, tiny_guidance_dir,
                                              small_render_run):
     monkeypatch.chdir(tmp_path)
@@ -374,7 +424,7 @@ def test_fit_decides_each_generated_frame(fit, tmp_path, capsys, tiny_sd_dir, ti
 
     for name, render in (("real", small_render_run), ("land", landscape_render_run)):
         recipe = write_gen_recipe(tmp_path / name, tiny_sd_dir, tiny_guidance_dir,
-                                  extra=f"inputs:\n  run: {render}\n", name="fit.yaml")
+                                  extra=f"inputs:\n  run: {render}\nbranches: [global, local]\n", name="fit.yaml")
         recipe.write_text(recipe.read_text().replace("  size: 64\n", f"  size: 64\n  fit: {fit}\n"))
         out = tmp_path / name / "out"
         code, text = gen(capsys, recipe, "--out", str(out))

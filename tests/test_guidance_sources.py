@@ -153,7 +153,7 @@ def test_generate_and_export_with_a_single_file_on_depth_images(mesh_and_depth_r
     (folder / "models").mkdir(parents=True)
     shutil.copy(tiny_controlnet.file, folder / "models" / "hand-depth.safetensors")   # relative to the recipe
     recipe = write_gen_recipe(folder, tiny_sd8_dir, "models/hand-depth.safetensors",
-                              extra=f"inputs:\n  run: {mesh_and_depth_run}\n")
+                              extra=f"inputs:\n  run: {mesh_and_depth_run}\nbranches: [global, local]\n")
     recipe.write_text(recipe.read_text().replace("attention_res: 16", "attention_res: 4")
                       .replace("precision: fp32", "precision: fp32\n  condition: depth"))
     out = tmp_path / "gen"

@@ -51,6 +51,7 @@ def test_defaults_and_resolution(tmp_path, monkeypatch):
     assert r.model.guidance == "models/attentionhand"
     assert r.tas.max_steps == 10 and r.tas.step_size_start == 20.0 and r.tas.step_size_end == 10.0
     assert r.image.size == 512 and r.image.format == "jpg" and r.batch_size == 4
+    assert r.branches == ["global"] and r.defaults["branches"] == ["global"]      # one image per sample
     # relative paths in the recipe resolve against its folder
     assert r.inputs.run == (tmp_path / "cfg" / "runs" / "ih").resolve()
     assert r.output == (tmp_path / "cfg" / "out" / "here").resolve()
@@ -156,6 +157,14 @@ BAD = {
     "duplicate_key": (
         "seed: 1\nseed: 2\n" + MINIMAL.replace("seed: 3\n", ""),
         ["key 'seed' appears twice", "line 2"],
+    ),
+    "local_branch_only": (
+        MINIMAL + "branches: [local]\n",
+        ["field branches, line 10", "must be [global] (one image per sample) or [global, local]"],
+    ),
+    "unknown_branch": (
+        MINIMAL + "branches: [global, crop]\n",
+        ["branches[1] is 'crop'", "line 10", "'global' or 'local'"],
     ),
     "bad_yaml": ("seed: [1\n", ["not valid YAML"]),
     "not_a_mapping": ("- a\n- b\n", ["must be a mapping"]),

@@ -37,7 +37,9 @@ def generate(
                                          show_default=False)],
     count: Annotated[Optional[int], typer.Option(
         "--count", "-n", min=1, help="Number of samples (default: one per input frame). Sample i uses frame "
-                                     "i mod n_frames as variant i div n_frames.")] = None,
+                                     "i mod n_frames as variant i div n_frames. A sample is one image, or two "
+                                     "(global + local hand crop) when the recipe has `branches: [global, "
+                                     "local]`.")] = None,
     start: Annotated[int, typer.Option("--start", min=0, help="First sample index (to split a run).")] = 0,
     run: Annotated[Optional[Path], typer.Option(
         "--run", help="Render run directory to take mesh images from; overrides the recipe's inputs (default: "
@@ -68,7 +70,7 @@ def generate(
 
     Each sample's frame, prompt and noise seed are a pure function of the recipe and its index, so
     runs can be split (--start/--count), resumed and audited. Writes
-    images/<key>, local/<key> (hand crops, when the render run has local mesh images) and
+    images/<key>, local/<key> (hand crops, when the recipe's branches include local) and
     samples/<key>.json (written last) plus manifest.json into --out.
     """
     from handsynth.attentionhand.loading import resolve_guidance
@@ -118,5 +120,7 @@ def generate(
                   f"{loaded.model.condition}[/dim]", soft_wrap=True)
     summary = generate_run(loaded, inputs, out=Path(out), start=start, count=count, batch_size=batch_size,
                            device=device, precision=precision, workers=workers, backend=backend, address=address)
-    stdout.print(f"generated {summary.done} image(s), {summary.skipped} already done, into {summary.out} "
-                 f"in {summary.elapsed_s:.1f} s" + (f" on {summary.workers} workers" if summary.workers > 1 else ""))
+    samples = f" ({summary.done} sample(s) x global + local)" if summary.images_done != summary.done else ""
+    stdout.print(f"generated {summary.images_done} image(s){samples}, {summary.images_skipped} already done, into "
+                 f"{summary.out} in {summary.elapsed_s:.1f} s"
+                 + (f" on {summary.workers} workers" if summary.workers > 1 else ""))

@@ -38,7 +38,7 @@ from handsynth import errors, io, rundir
 from handsynth.console import progress
 from handsynth.errors import InputError, MissingResourceError
 from handsynth.generate import layout
-from handsynth.generate.plan import SEED_RULE, Inputs
+from handsynth.generate.plan import SEED_RULE, Inputs, Plan
 from handsynth.generate.runner import BatchResult, Job, Runner, load_pipeline
 
 STAGE = layout.STAGE
@@ -50,12 +50,17 @@ NOT_FINGERPRINTED = {"output", "batch_size", "inputs"}
 
 @dataclass
 class Summary:
+    """Samples requested / written / already done, and the images among them (one per sample, two for a
+    sample with a local image)."""
+
     out: Path
     requested: int
     done: int
     skipped: int
     elapsed_s: float
     workers: int = 1
+    images_done: int = 0
+    images_skipped: int = 0
 
 
 def guidance_files(guidance: str) -> dict[str, str] | None:
@@ -148,11 +153,13 @@ def generate_run(recipe, inputs: Inputs, *, out: Path, start: int, count: int, b
                    "local": layout.output_ref("local", "<key>", recipe.image.format),
                    "samples": "samples/<key>.json"},
     }
-    done = skipped = 0
-    with run_dir(Path(out), prints, command).open(counts={"requested": count}, **manifest) as run:
+    done = skipped = images_done = images_skipped = 0
+    images_requested = Plan(recipe, inputs.frames, None).images(start, count)
+    with run_dir(Path(out), prints, command).open(counts={"requested": count, "images_requested": images_requested},
+                                                  **manifest) as run:
         job = Job(recipe, inputs, run.out, start, count, batch_size, precision)
         with progress("images") as bar:
-            task = bar.add_task("generate", total=count)
+            task = bar.add_task("generate", total=images_requested)
             if pipe is not None:
                 results = Runner(job, devices[0], pipe).run(range(job.batches))
             elif backend == "ray":
@@ -161,15 +168,17 @@ def generate_run(recipe, inputs: Inputs, *, out: Path, start: int, count: int, b
                 results = _process_results(job, devices)
             with contextlib.closing(results):        # on any error: stop the workers before the manifest says so
                 for result in results:
-                    done += result.done
-                    skipped += result.skipped
-                    bar.advance(task, result.done + result.skipped)
+                    done, skipped = done + result.done, skipped + result.skipped
+                    images_done += result.images_done
+                    images_skipped += result.images_skipped
+                    bar.advance(task, result.images_done + result.images_skipped)
         elapsed = time.perf_counter() - started
         complete = sum(1 for _ in (run.out / "samples").glob("*.json"))
-        run.finish(counts={"requested": count, "done": done, "skipped": skipped, "samples_in_out": complete},
-                   elapsed_s=round(elapsed, 3))
+        run.finish(counts={"requested": count, "done": done, "skipped": skipped, "samples_in_out": complete,
+                           "images_requested": images_requested, "images_done": images_done,
+                           "images_skipped": images_skipped}, elapsed_s=round(elapsed, 3))
     return Summary(out=run.out, requested=count, done=done, skipped=skipped, elapsed_s=elapsed,
-                   workers=len(devices))
+                   workers=len(devices), images_done=images_done, images_skipped=images_skipped)
 
 
 # --- local worker processes ----------------------------------------------------------------------
@@ -285,7 +294,9 @@ class RayWorker:
         results = list(self.runner.run(int(k) for k in batch["id"]))
         return {"batch": np.array([r.batch for r in results], dtype=np.int64),
                 "done": np.array([r.done for r in results], dtype=np.int64),
-                "skipped": np.array([r.skipped for r in results], dtype=np.int64)}
+                "skipped": np.array([r.skipped for r in results], dtype=np.int64),
+                "images_done": np.array([r.images_done for r in results], dtype=np.int64),
+                "images_skipped": np.array([r.images_skipped for r in results], dtype=np.int64)}
 
 
 def _ray_results(job: Job, devices: list[str], device: str) -> Iterator[BatchResult]:
@@ -299,4 +310,4 @@ def _ray_results(job: Job, devices: list[str], device: str) -> Iterator[BatchRes
         RayWorker, fn_constructor_args=(job, "cuda" if gpu else "cpu"), batch_size=RAY_BATCHES,
         concurrency=len(devices), **({"num_gpus": 1} if gpu else {"num_cpus": 0.5}))
     for row in data.iter_rows():
-        yield BatchResult(int(row["batch"]), int(row["done"]), int(row["skipped"]))
+        yield BatchResult(*(int(row[name]) for name in ("batch", "done", "skipped", "images_done", "images_skipped")))

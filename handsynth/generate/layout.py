@@ -6,7 +6,8 @@ Run directory::
                                  precision, device, seed rule, fingerprint, counts, status
     <run>/images/<skey>.<ext>    generated global image (recipe image.format / quality) in the frame that
                                  recipe image.fit chose (see handsynth.generate.frame)
-    <run>/local/<skey>.<ext>     generated local (hand crop) image, when the frame has a local mesh image
+    <run>/local/<skey>.<ext>     generated local (hand crop) image, when the recipe's ``branches`` include
+                                 ``local`` and the frame has a local mesh image
     <run>/samples/<skey>.json    per sample, written LAST: lists its images (``outputs``) and their sha256
                                  (``outputs_sha256``), and holds each image's labels in its own pixel frame
                                  (``image``, ``local_image``); a sample is complete when this file parses

@@ -108,6 +108,14 @@ class Plan:
         """The sample key of ``index`` (cheap: no prompt sampling)."""
         return sample_key(self.frames[index % len(self.frames)].key, index // len(self.frames))
 
+    def images(self, start: int, count: int) -> int:
+        """How many images samples ``[start, start + count)`` have: one each, two for a frame with a local
+        image (computed per frame, so a huge ``count`` costs no more than a small one)."""
+        n = len(self.frames)
+        extra = sum((start + count - 1 - r) // n - (start - 1 - r) // n
+                    for r, frame in enumerate(self.frames) if frame.local is not None)
+        return count + extra
+
     def prompt(self, index: int) -> Prompt:
         """The prompt of sample ``index`` (its frame's own text, or the recipe's for the frame's hands)."""
         frame = self.frames[index % len(self.frames)]
@@ -126,10 +134,10 @@ class Plan:
 # --- finding and reading inputs --------------------------------------------------------------
 
 
-def read_render_run(run: Path, condition: str = "mesh") -> Inputs:
+def read_render_run(run: Path, condition: str = "mesh", *, local: bool = True) -> Inputs:
     """The frames of a render run with their ``condition`` images ("mesh" or "depth", see
-    ``render.layout.STYLE_IMAGES``); InputError when it is missing, not a render run, has no frames, or
-    was rendered without that style."""
+    ``render.layout.STYLE_IMAGES``), each with its local image only when ``local``; InputError when it is
+    missing, not a render run, has no frames, or was rendered without that style."""
     run = Path(run)
     global_name, local_name = render_layout.STYLE_IMAGES[condition]
     manifest = render_layout.read_manifest(run)
@@ -146,7 +154,7 @@ def read_render_run(run: Path, condition: str = "mesh") -> Inputs:
         except ValueError as exc:
             raise InputError(f"line {number} is not a render label: {exc}", where=jsonl,
                              fix="rerun `handsynth render` into a new --out") from None
-        mesh, local = images.get(global_name), images.get(local_name)
+        mesh, local_ref = images.get(global_name), images.get(local_name)
         if mesh is None:
             raise InputError(f"the render run has no {condition} images (frame {key} has "
                              f"{', '.join(sorted(images))}), but the recipe's model.condition is {condition}",
@@ -155,9 +163,9 @@ def read_render_run(run: Path, condition: str = "mesh") -> Inputs:
         label = render_layout.label_path(run, key)
         if not label.is_file():
             continue
-        local_path = run / local if local and (run / local).is_file() else None
+        local_path = run / local_ref if local and local_ref and (run / local_ref).is_file() else None
         frames.append(FrameInput(key=key, mesh=run / mesh, mesh_ref=mesh, hands=hand_config(sides),
-                                 local=local_path, local_ref=local if local_path else None, label=label))
+                                 local=local_path, local_ref=local_ref if local_path else None, label=label))
     if not frames:
         raise InputError("the render run has no rendered frames", where=run,
                          fix="render labels with at least one visible hand (`handsynth render --labels ...`)")
@@ -202,12 +210,25 @@ def read_modalities_inputs(path: Path, root: Path | None) -> Inputs:
 
 def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
     """The inputs: ``run`` (from --run) if given, else the recipe's, else the newest render run under
-    ./runs/. Returns them and a note saying which default was used (None when none was)."""
-    condition = recipe.model.condition
+    ./runs/. Returns them and a note saying which default was used (None when none was). Frames keep their
+    local image only when the recipe's ``branches`` include ``local``; InputError when they do and no frame
+    has one."""
+    inputs, note = _find_inputs(recipe, run)
+    if "local" in recipe.branches and not any(frame.local is not None for frame in inputs.frames):
+        raise InputError(f"the recipe's branches ask for a local (hand crop) image per sample, but the inputs "
+                         f"({inputs.path}) have no local {recipe.model.condition} images",
+                         where=f"{recipe.path}, field 'branches'",
+                         fix="set `branches: [global]`, or use a `handsynth render` run (it writes local images "
+                             "of every frame with hands)")
+    return inputs, note
+
+
+def _find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
+    condition, local = recipe.model.condition, "local" in recipe.branches
     if run is not None:
-        return read_render_run(run, condition), None
+        return read_render_run(run, condition, local=local), None
     if recipe.inputs is not None and recipe.inputs.run is not None:
-        return read_render_run(recipe.inputs.run, condition), None
+        return read_render_run(recipe.inputs.run, condition, local=local), None
     if recipe.inputs is not None and recipe.inputs.modalities is not None:
         return read_modalities_inputs(recipe.inputs.modalities, recipe.inputs.root), None
     newest = rundir.newest_run(render_layout.STAGE)
@@ -216,4 +237,4 @@ def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
                          "no render run", where=recipe.path,
                          fix="run `handsynth render --labels ...` first, pass --run <render run>, or set inputs.run "
                              "in the recipe")
-    return read_render_run(newest, condition), f"newest render run under runs/: {newest}"
+    return read_render_run(newest, condition, local=local), f"newest render run under runs/: {newest}"

@@ -63,11 +63,14 @@ class Job:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """What a worker reports for one grid batch: how many samples it generated and how many were done."""
+    """What a worker reports for one grid batch: how many samples it generated and how many were done, and
+    the images among them (one per sample, two for a sample with a local image)."""
 
     batch: int
     done: int
     skipped: int
+    images_done: int = 0
+    images_skipped: int = 0
 
 
 def load_pipeline(job: Job, device: str):
@@ -199,8 +202,11 @@ class Runner:
     def _finished(batch: _Batch) -> BatchResult:
         for future in batch.writes or ():
             future.result()                                         # a write error stops the worker here
-        done = len(batch.todo or ())
-        return BatchResult(batch.k, done, len(batch.specs) - done)
+        todo = batch.todo or set()
+        images = {spec.index: 1 + (spec.frame.local is not None) for spec in batch.specs}
+        images_done = sum(images[i] for i in todo)
+        return BatchResult(batch.k, len(todo), len(batch.specs) - len(todo), images_done,
+                           sum(images.values()) - images_done)
 
     # -- one batch --
 
