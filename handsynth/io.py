@@ -82,14 +82,28 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def read_json(path: str | Path, *, what: str = "JSON file") -> Any:
     """Read JSON with a clear error naming the file and the position of a syntax error."""
+    return parse_json(read_input(path, what=what), path, what=what)
+
+
+def read_input(path: str | Path, *, what: str = "file") -> bytes:
+    """The bytes of an input file; InputError naming it when it is missing or unreadable."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"the {what} does not exist", where=path, fix="check the path") from None
     except OSError as exc:
         raise InputError(f"cannot read the {what}: {exc.strerror or exc}", where=path,
                          fix="check the path and its permissions") from None
+
+
+def parse_json(data: bytes | str, path: str | Path, *, what: str = "JSON file") -> Any:
+    """JSON ``data`` read from ``path``; InputError naming the file and the position of a syntax error."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the {what} is not UTF-8 text (byte {exc.start})", where=path,
+                         fix="repair or regenerate the file (a truncated download is a common cause)") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

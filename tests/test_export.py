@@ -315,6 +315,7 @@ def test_bad_input_gives_clear_errors(gen_run, small_render_run, tmp_path, capsy
         (["--run", str(gen_run), "--layout", "coco"], 2, "unknown shard layout"),
         (["--run", str(gen_run), "--out", str(gen_run / "manifest.json" / "x")], 4, "cannot write"),
         (["--verify-only", "--out", str(tmp_path / "empty")], 2, "no shard index"),
+        (["--run", str(gen_run), "--verify", "quick"], 2, "--verify 'quick' is not a verification mode"),
     ]
     for args, code, text in cases:
         capsys.readouterr()
@@ -370,7 +371,7 @@ def _sample_of(run: Path, index: int) -> tuple[Path, dict]:
     return path, json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("verify", ["--verify", "--no-verify"])
+@pytest.mark.parametrize("verify", ["--verify fast", "--verify full", "--no-verify"])
 def test_a_damaged_image_never_lands_in_a_shard(gen_run, small_render_run, tmp_path, capsys, verify):
     """A generated image or mesh image that no longer matches its recorded sha256 stops the export with a
     one-paragraph error naming it and the command that repairs it; the shard is not written and the
@@ -381,7 +382,7 @@ def test_a_damaged_image_never_lands_in_a_shard(gen_run, small_render_run, tmp_p
     data = bytearray(image.read_bytes())
     data[len(data) // 2] ^= 0x55                            # a flipped byte: still "an image file"
     image.write_bytes(bytes(data))
-    args = ["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3", verify]
+    args = ["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3", *verify.split()]
     capsys.readouterr()
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -500,3 +501,89 @@ def test_interrupted_export_says_so_and_a_second_export_is_refused(gen_run, tmp_
         err = " ".join(capsys.readouterr().err.split())
         assert "another handsynth process is writing" in err and "handsynth export elsewhere" in err
     assert main(["export", "--run", str(gen_run), "--out", str(out), "--shard-size", "3", "--overwrite"]) == 0
+
+
+def _replace_member(shard: Path, index_path: Path, name: str, data: bytes) -> None:
+    """Rewrite ``shard`` with member ``name`` replaced by ``data`` and record the new file's sha256 and size
+    in the index - a shard that passes the sha256 check but holds a bad member."""
+    import hashlib
+
+    buf = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        for info in src.getmembers():
+            content = data if info.name == name else src.extractfile(info).read()
+            info.size = len(content)
+            dst.addfile(info, io.BytesIO(content))
+    shard.write_bytes(buf.getvalue())
+    index = json.loads(index_path.read_text())
+    entry = next(e for e in index["shards"] if e["name"] == shard.name)
+    entry.update(sha256=hashlib.sha256(buf.getvalue()).hexdigest(), bytes=len(buf.getvalue()))
+    index_path.write_text(json.dumps(index))
+
+
+def test_fast_verify_checks_headers_and_sizes_full_verify_decodes(gen_run, tmp_path, capsys):
+    """Default verification reads image headers (format, size against the json block) without decoding;
+    --verify full also decodes every pixel. Both name the shard, the sample and the member."""
+    out = tmp_path / "shards"
+    summary = export_run(gen_run, out, shard_size=3)
+    assert summary.verified is not None and not summary.verified.full and summary.verified.samples == 7
+    shard = out / "gen-a-000001.tar"
+    key = json.loads((out / "index.json").read_text())["shards"][1]["keys"][0]
+    original = (gen_run / "images" / f"{key}.jpg").read_bytes()
+    cut = original[: len(original) // 2]                    # header intact, pixels missing
+    _replace_member(shard, out / "index.json", f"{key}.jpg", cut)
+    capsys.readouterr()
+    assert main(["export", "--verify-only", "--out", str(out)]) == 0
+    assert "image headers): ok" in capsys.readouterr().out
+    assert main(["export", "--verify-only", "--out", str(out), "--verify", "full"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"gen-a-000001.tar: {key}: jpg is no decodable jpg image" in err and "Traceback" not in err
+    # a member that is no image at all, and an image of another size than its json block records
+    other = Image.new("RGB", (32, 64))
+    buf = io.BytesIO()
+    other.save(buf, format="JPEG")
+    _replace_member(shard, out / "index.json", f"{key}.jpg", buf.getvalue())
+    _replace_member(shard, out / "index.json", f"{key}.local_mesh.png", b"not a png")
+    assert main(["export", "--verify-only", "--out", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{key}: local_mesh.png is no png image" in err
+    assert f"{key}: the generated image is (32, 64) but the json's image block says [64, 64]" in err
+    _replace_member(shard, out / "index.json", f"{key}.jpg", original)
+    _replace_member(shard, out / "index.json", f"{key}.local_mesh.png",
+                    next(s for s in _raw(tmp_path / "shards" / "gen-a-000001.tar") if s["__key__"] != key)[
+                        "local_mesh.png"])
+    assert main(["export", "--verify-only", "--out", str(out), "--verify", "full"]) == 0
+    assert "every image decoded): ok" in capsys.readouterr().out
+
+
+def test_parallel_verification_finds_what_one_thread_finds(gen_run, tmp_path):
+    from handsynth.errors import InputError
+    from handsynth.export.webdataset import verify_shards
+
+    out = tmp_path / "shards"
+    export_run(gen_run, out, shard_size=1, verify=False)
+    for name in ("gen-a-000002.tar", "gen-a-000005.tar"):
+        data = bytearray((out / name).read_bytes())
+        data[1000] ^= 0xFF
+        (out / name).write_bytes(bytes(data))
+    found = []
+    for workers in (1, 4):
+        with pytest.raises(InputError) as info:
+            verify_shards(out, workers=workers)
+        found.append(str(info.value))
+    assert found[0] == found[1] and "found 2 problem(s)" in found[0]
+    assert "gen-a-000002.tar does not match its sha256" in found[0] and "gen-a-000005.tar" in found[0]
+
+
+def test_input_digests_made_while_writing_equal_the_resume_digests(gen_run, tmp_path):
+    """The digest of a shard's sample and label files, computed from the reads that build it, is the one a
+    resumed export computes up front (so a rerun keeps the shards)."""
+    from handsynth.export.webdataset import _chunk_digest
+    from handsynth.generate.layout import read_run
+
+    out = tmp_path / "shards"
+    export_run(gen_run, out, shard_size=3, verify=False)
+    source = read_run(gen_run)
+    chunks = [source.samples[i:i + 3] for i in range(0, len(source.samples), 3)]
+    index = json.loads((out / "index.json").read_text())
+    assert [e["inputs_sha256"] for e in index["shards"]] == [_chunk_digest(source, c) for c in chunks]

@@ -27,10 +27,14 @@ def export(
         help="'handsynth' (default): image + mesh images + label JSON (safe to read). 'hamer': image + data.pyd "
              "as HaMeR's tar loader expects, plus the label JSON; data.pyd is a pickle - never read pickles "
              "from strangers.", show_default=False)] = None,
-    verify: Annotated[bool, typer.Option(
-        "--verify/--no-verify", help="Read every shard back with webdataset after writing and check it.")] = True,
+    verify: Annotated[str, typer.Option(
+        "--verify", metavar="fast|full",
+        help="How to check every shard after writing it (read back once, shards in parallel): 'fast' - sha256, "
+             "keys, JSON, image headers and sizes; 'full' - also decode every image.")] = "fast",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the check after writing.")] = False,
     verify_only: Annotated[bool, typer.Option(
-        "--verify-only", help="Only check the shards already in --out (needs --out).")] = False,
+        "--verify-only", help="Only check the shards already in --out (needs --out; --verify full decodes every "
+                              "image).")] = False,
     overwrite: Annotated[bool, typer.Option(
         help="Replace an earlier export in --out made from other inputs or with other settings (only a folder "
              "holding an export: index.json, shards; anything else is refused).")] = False,
@@ -55,13 +59,16 @@ def export(
     Each sample holds the generated image, its mesh image(s) and a JSON label: the source annotation unchanged, the joints and boxes render derived (units and joint order named), each image's labels in its own pixel frame (size, K, 2D joints, boxes), and the prompt, seed and model that made the image. Shards are written atomically and reproducibly; index.json lists them with sha256 and keys.
     """
     from handsynth.export.hamer import HAMER_MARGIN
-    from handsynth.export.webdataset import GENERATE_STAGE, export_run, verify_shards
+    from handsynth.export.webdataset import GENERATE_STAGE, VERIFY_MODES, export_run, verify_shards
     from handsynth.rundir import newest_run
 
+    if verify not in VERIFY_MODES:
+        raise InputError(f"--verify '{verify}' is not a verification mode", where="--verify",
+                         fix="use --verify fast (default), --verify full (decode every image) or --no-verify")
     if verify_only:
         if out is None:
             raise InputError("--verify-only needs the shard folder", where="--out", fix="pass --out shards/<name>")
-        _print_verified(verify_shards(out))
+        _print_verified(verify_shards(out, full=verify == "full"))
         return
     defaults: dict[str, object] = {}
     if run is None:
@@ -87,7 +94,7 @@ def export(
             defaults["--evaluation"] = run / EVALUATION
     print_defaults(defaults)
     summary = export_run(run, out, format=format, shard_size=shard_size, layout=layout, overwrite=overwrite,
-                         verify=verify, mano_dir=mano_dir, gate=gate,
+                         verify=False if no_verify else verify, mano_dir=mano_dir, gate=gate,
                          hamer_margin=hamer_margin)
     stdout.print(
         f"exported {summary.samples} samples into {summary.shards} shards in {summary.out} "
@@ -104,6 +111,7 @@ def export(
 def _print_verified(summary) -> None:
     rate = summary.samples / summary.elapsed_s if summary.elapsed_s else 0.0
     stdout.print(f"verified {summary.shards} shards, {summary.samples} samples, {summary.bytes / 1e6:.1f} MB "
-                 f"in {summary.elapsed_s:.1f} s ({rate:.0f} samples/s): ok", soft_wrap=True)
+                 f"in {summary.elapsed_s:.1f} s ({rate:.0f} samples/s, "
+                 f"{'every image decoded' if summary.full else 'image headers'}): ok", soft_wrap=True)
     if not summary.samples:
         console.print("[yellow]warning:[/yellow] the shard folder holds no samples")

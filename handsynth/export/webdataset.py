@@ -34,10 +34,11 @@ from __future__ import annotations
 import hashlib
 import io as _io
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from handsynth import io, rundir
 from handsynth.console import progress
@@ -84,6 +85,7 @@ class VerifySummary:
     bytes: int
     elapsed_s: float
     problems: list[str] = field(default_factory=list)
+    full: bool = False                          # every image decoded (else headers only)
 
 
 # --- one sample -----------------------------------------------------------------------------
@@ -109,10 +111,16 @@ class RecordBuilder:
             return [sample.key, sample.key + LOCAL_SUFFIX]
         return [sample.key]
 
-    def __call__(self, sample: Sample) -> list[tuple[str, dict[str, bytes]]]:
+    def __call__(self, sample: Sample, digest=None) -> list[tuple[str, dict[str, bytes]]]:
+        """The records of ``sample``; its sample file and render label are read once, and fed to ``digest``
+        (a hashlib object: the shard's input digest, see :func:`_chunk_digest`) when given."""
         render = self.source.render_run
-        label = render_layout.read_label(render, sample.frame, needed_by=f"sample {sample.key}")
-        record = io.read_json(sample.record_path, what="sample file")
+        record_bytes = io.read_input(sample.record_path, what="sample file")
+        label_bytes = render_layout.label_bytes(render, sample.frame)
+        if digest is not None:
+            _digest_sample(digest, sample, record_bytes, label_bytes)
+        label = render_layout.read_label(render, sample.frame, data=label_bytes)
+        record = io.parse_json(record_bytes, sample.record_path, what="sample file")
         image = generate_layout.read_output(sample, "image")
         local = generate_layout.read_output(sample, "local") if sample.local is not None else None
         blocks = {"image": _frame_block(sample, record, "image", image, sample.image)}
@@ -194,15 +202,16 @@ def _condition_in_frame(data: bytes, block: dict[str, Any], local: bool) -> byte
     """PNG of a render condition image (mesh or depth) cut and resampled onto an image's frame, as generate
     conditioned on it: a global image (source frame) through ``from_source``; a local one (render's crop)
     resized to the local image."""
+    import numpy as np
     from PIL import Image
 
     from handsynth.generate.frame import frame_of, resample, resize_map
-    from handsynth.generate.runner import encode_image
+    from handsynth.render.png import encode_png
 
     with Image.open(_io.BytesIO(data)) as img:
-        condition = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
-    frame = resize_map(condition.size, block["size"]) if local else frame_of(block)
-    return encode_image(resample(condition, frame), "png", 0)
+        condition = img.convert("RGB") if img.mode not in ("L", "RGB") else img
+        frame = resize_map(condition.size, block["size"]) if local else frame_of(block)
+        return encode_png(np.asarray(resample(condition, frame).convert("RGB")))
 
 
 def _hands_mean(render_run: Path, mano_dir: Path | None) -> dict[str, Any]:
@@ -241,11 +250,12 @@ class _HashingFile:
         self.fh.flush()
 
 
-def write_shard(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> dict[str, Any]:
-    """Write ``(key, members)`` records to the shard ``path`` atomically; returns sha256 and size.
+def write_shard(path: Path, records: Iterable[tuple[str, dict[str, bytes]]]) -> dict[str, Any]:
+    """Write ``(key, members)`` records to the shard ``path`` atomically as they come; returns the sha256 and
+    size of the bytes written (hashed as they pass, no second read).
 
-    OutputError when the shard cannot be written (e.g. a full disk): its temporary file is removed, so
-    no truncated shard is left behind."""
+    OutputError when the shard cannot be written (e.g. a full disk); any error (a damaged input found while
+    ``records`` are made included) removes its temporary file, so no truncated shard is left behind."""
     import webdataset as wds
 
     try:
@@ -276,13 +286,14 @@ def holds_only_an_export(out: Path) -> bool:
 
 
 def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: int = 1000,
-               layout: str = "handsynth", overwrite: bool = False, verify: bool = True,
+               layout: str = "handsynth", overwrite: bool = False, verify: bool | str = True,
                mano_dir: Path | None = None, command: list[str] | None = None, gate=None,
                hamer_margin: float | None = None) -> ExportSummary:
     """Export the generate run ``run`` as WebDataset shards in ``out`` (see the module docstring).
 
     ``gate`` (a :class:`handsynth.evaluate.gate.Gate`) keeps only the samples whose evaluation scores
-    pass; index.json then records the thresholds and what was dropped and why.
+    pass; index.json then records the thresholds and what was dropped and why. ``verify``: check the shards
+    afterwards (:func:`verify_shards`): ``True`` / ``"fast"``, ``"full"`` (decode every image) or ``False``.
 
     Raises InputError on bad options, a run that is not a generate run, missing or damaged input
     files, or an ``out`` holding an export of other inputs (unless ``overwrite``) or anything but an
@@ -291,6 +302,11 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
     """
     started = time.perf_counter()
     _check_options(format, shard_size, layout, hamer_margin)
+    verify = "fast" if verify is True else verify
+    if verify and verify not in VERIFY_MODES:
+        raise InputError(f"unknown verification '{verify}'", where="--verify",
+                         fix=f"use --verify fast (default: sha256, keys, JSON, image headers), --verify full "
+                             "(also decodes every image) or --no-verify")
     source = generate_layout.read_run(run)
     if not source.samples:
         raise InputError("the generate run has no complete sample (no samples/<key>.json yet)", where=run,
@@ -306,7 +322,6 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
     name = sanitize(source.path.resolve().name)
     builder = RecordBuilder(source, layout, mano_dir, hamer_margin)
     chunks = [source.samples[i:i + shard_size] for i in range(0, len(source.samples), shard_size)]
-    digests = [_chunk_digest(source, chunk) for chunk in chunks]
     identity = {"format": format, "layout": layout, "shard_size": shard_size, "name": name,
                 **({"hamer_margin": builder.hamer_margin} if layout == "hamer" else {}),
                 "generate_run": str(source.path.resolve()),
@@ -315,8 +330,12 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
         identity["filter"] = gate.identity()
     target = rundir.RunDir(out, STAGE, fingerprint=identity, command=command, manifest=INDEX, replace=overwrite,
                            recognise=holds_only_an_export, what="export run")
-    if target.check():
-        _check_unchanged(target, chunks, digests, overwrite)
+    # An earlier export in ``out``: every shard's input digest first (to refuse changed inputs and to keep
+    # complete shards). Otherwise each digest is computed while its shard is built, from the same reads.
+    digests: list[str | None] = [None] * len(chunks)
+    if target.check() and not overwrite:
+        digests = [_chunk_digest(source, chunk) for chunk in chunks]
+        _check_unchanged(target, chunks, digests)
 
     entries: list[dict[str, Any]] = []
     written = kept = 0
@@ -336,11 +355,16 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
                     kept += 1
                     bar.advance(task, len(chunk))
                 else:
-                    records = []
-                    for sample in chunk:
-                        records.extend(builder(sample))
-                        bar.advance(task)
-                    entry.update(write_shard(out / entry["name"], records))
+                    computed = hashlib.sha256() if digest is None else None
+
+                    def records(chunk=chunk, computed=computed):
+                        for sample in chunk:
+                            yield from builder(sample, computed)
+                            bar.advance(task)
+
+                    entry.update(write_shard(out / entry["name"], records()))
+                    if computed is not None:
+                        entry["inputs_sha256"] = computed.hexdigest()
                     entries.append(entry)
                     written += 1
                 target.update(samples=sum(e["count"] for e in entries), shards=entries)
@@ -351,7 +375,7 @@ def export_run(run: Path, out: Path, *, format: str = "webdataset", shard_size: 
                             bytes=sum(e["bytes"] for e in entries), elapsed_s=time.perf_counter() - started,
                             filtered=filtered)
     if verify:
-        summary.verified = verify_shards(out)
+        summary.verified = verify_shards(out, full=verify == "full")
     return summary
 
 
@@ -370,12 +394,17 @@ def _check_options(format: str, shard_size: int, layout: str, hamer_margin: floa
 
 
 def _chunk_digest(source: GenerateRun, chunk: list[Sample]) -> str:
-    """sha256 over a shard's sample files and label files: what decides its content besides images."""
+    """sha256 over a shard's sample files and label files: what decides its content besides images (the
+    same digest :class:`RecordBuilder` computes while it builds the shard)."""
     digest = hashlib.sha256()
     for sample in chunk:
-        digest.update(sample.key.encode() + b"\0" + sample.record_path.read_bytes() + b"\0"
-                      + render_layout.label_bytes(source.render_run, sample.frame) + b"\0")
+        _digest_sample(digest, sample, io.read_input(sample.record_path, what="sample file"),
+                       render_layout.label_bytes(source.render_run, sample.frame))
     return digest.hexdigest()
+
+
+def _digest_sample(digest, sample: Sample, record_bytes: bytes, label_bytes: bytes) -> None:
+    digest.update(sample.key.encode() + b"\0" + record_bytes + b"\0" + label_bytes + b"\0")
 
 
 def _earlier_shards(target: rundir.RunDir) -> dict[str, dict[str, Any]]:
@@ -387,10 +416,8 @@ def _earlier_shards(target: rundir.RunDir) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in shards if isinstance(e, dict) and isinstance(e.get("name"), str)}
 
 
-def _check_unchanged(target: rundir.RunDir, chunks: list[list[Sample]], digests: list[str], overwrite: bool) -> None:
-    """Refuse (unless ``overwrite``) to resume an export whose shards' samples or labels changed since."""
-    if overwrite:
-        return
+def _check_unchanged(target: rundir.RunDir, chunks: list[list[Sample]], digests: list[str]) -> None:
+    """Refuse to resume an export whose shards' samples or labels changed since (``--overwrite`` replaces it)."""
     shards = _earlier_shards(target)
     for number, (chunk, digest) in enumerate(zip(chunks, digests)):
         old = shards.get(shard_name(target.fingerprint["name"], number))
@@ -419,24 +446,38 @@ def _remove_stale_shards(target: rundir.RunDir, earlier: dict[str, dict[str, Any
 
 # --- verification ---------------------------------------------------------------------------
 
-def _decode_pyd(key: str, data: bytes):
-    """WebDataset decoder for ``.pyd`` members: numpy-only unpickling (no code from the file runs)."""
-    if key.endswith("pyd"):
-        from handsynth.export.hamer import load_pyd
-
-        return load_pyd(data)
-    return None
+VERIFY_MODES = ("fast", "full")
 
 
-def verify_shards(out: Path) -> VerifySummary:
-    """Read every shard listed in ``out/index.json`` back with webdataset and check it.
+class _HashingReader:
+    """A read-only file wrapper hashing the bytes as they are read (one pass: parse and hash)."""
 
-    Checks: the export finished; no ``.tar`` file in ``out`` is missing from the index; per shard: the
-    file's sha256 and size, the sample keys and their order, the count; per sample: the json parses and
-    has hands, the generated image decodes, the layout's fields exist. Raises InputError listing the
-    problems found.
+    def __init__(self, fh, digest):
+        self.fh, self.digest = fh, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the file."""
+        while self.read(1 << 20):
+            pass
+
+
+def verify_shards(out: Path, *, full: bool = False, workers: int | None = None) -> VerifySummary:
+    """Read every shard listed in ``out/index.json`` back and check it, shards in parallel (``workers``
+    threads; default: one per CPU, at most 8).
+
+    Checks: the export finished; no ``.tar`` file in ``out`` is missing from the index; per shard, read once
+    through webdataset's tar reader while hashed: the file's sha256 and size, the sample keys and their
+    order, the count; per sample: the layout's members exist, the json parses and has hands and a
+    generation block, every image member's header names its format and the generated image's size is the
+    one its json block records, data.pyd (hamer) loads. ``full``: every image is also decoded to its last
+    pixel. Raises InputError listing the problems found.
     """
-    import webdataset as wds
+    from concurrent.futures import ThreadPoolExecutor
 
     started = time.perf_counter()
     out = Path(out)
@@ -458,34 +499,18 @@ def verify_shards(out: Path) -> VerifySummary:
         problems.append(f"the export did not finish (it {rundir.describe_status(out, index)}; rerun it)")
     unlisted = sorted(p.name for p in out.glob("*.tar") if p.name not in {e["name"] for e in shards})
     problems.extend(f"{name} is not listed in {INDEX} (not part of this export)" for name in unlisted)
-    samples = size = 0
+    workers = workers or min(8, os.cpu_count() or 1)
     with progress("samples") as bar:
         task = bar.add_task("verify", total=index.get("samples"))
-        for entry in shards:
-            path = out / entry["name"]
-            if not path.is_file():
-                problems.append(f"{entry['name']} is missing")
-                continue
-            size += path.stat().st_size
-            if io.sha256_file(path) != entry.get("sha256"):
-                problems.append(f"{entry['name']} does not match its sha256 in the index")
-                continue
-            keys = []
-            dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False).decode(_decode_pyd, "pil")
-            try:
-                for sample in dataset:
-                    keys.append(sample["__key__"])
-                    problems.extend(f"{entry['name']}: {sample['__key__']}: {p}"
-                                    for p in _check_sample(sample, required))
-                    bar.advance(task)
-            except Exception as exc:     # any reader or decoder failure is a finding, not a crash
-                problems.append(f"{entry['name']} cannot be read: {type(exc).__name__}: {exc}")
-                continue
-            if keys != entry.get("keys") or len(keys) != entry.get("count"):
-                problems.append(f"{entry['name']} holds {len(keys)} samples with other keys than its index lists")
-            samples += len(keys)
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(shards)))) as pool:
+            results = list(pool.map(lambda entry: _verify_shard(out / entry["name"], entry, required, full,
+                                                                lambda: bar.advance(task)), shards))
+    samples = size = 0
+    for n, nbytes, found in results:
+        samples, size = samples + n, size + nbytes
+        problems.extend(found)
     summary = VerifySummary(out=out, shards=len(shards), samples=samples, bytes=size,
-                            elapsed_s=time.perf_counter() - started, problems=problems)
+                            elapsed_s=time.perf_counter() - started, problems=problems, full=full)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         fix = "rerun the same `handsynth export` command to rewrite damaged shards"
@@ -496,19 +521,85 @@ def verify_shards(out: Path) -> VerifySummary:
     return summary
 
 
-def _check_sample(sample: dict[str, Any], required: set[str]) -> list[str]:
-    from PIL import Image
+def _verify_shard(path: Path, entry: dict[str, Any], required: set[str], full: bool,
+                  advance) -> tuple[int, int, list[str]]:
+    """(samples, bytes, problems) of one shard, read once (see :func:`verify_shards`)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    name = entry["name"]
+    if not path.is_file():
+        return 0, 0, [f"{name} is missing"]
+    digest, keys, problems, failure = hashlib.sha256(), [], [], None
+    with open(path, "rb") as fh:
+        reader = _HashingReader(fh, digest)
+        try:
+            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": reader}], eof_value=None)):
+                keys.append(sample["__key__"])
+                problems.extend(f"{name}: {sample['__key__']}: {p}" for p in _check_sample(sample, required, full))
+                advance()
+        except Exception as exc:     # any reader or decoder failure is a finding, not a crash
+            failure = f"{name} cannot be read: {type(exc).__name__}: {exc.args[0] if exc.args else exc}"
+        reader.drain()
+    size = path.stat().st_size
+    if digest.hexdigest() != entry.get("sha256"):
+        return 0, size, [f"{name} does not match its sha256 in the index"]
+    if failure is not None:
+        return 0, size, [failure]
+    if keys != entry.get("keys") or len(keys) != entry.get("count"):
+        problems.append(f"{name} holds {len(keys)} samples with other keys than its index lists")
+    return len(keys), size, problems
+
+
+def _check_sample(sample: dict[str, Any], required: set[str], full: bool) -> list[str]:
+    """Problems of one sample's raw members (see :func:`verify_shards`)."""
     problems = [f"no '{name}' member" for name in sorted(required - set(sample))]
     if "data.pyd" not in required and not {"mesh.png", "depth.png"} & set(sample):
         problems.append("no condition image member (mesh.png or depth.png)")
-    images = [sample[ext] for ext in IMAGE_EXTS if ext in sample]
-    if len(images) != 1 or not isinstance(images[0], Image.Image):
-        problems.append("no decodable generated image (jpg or png)")
-    label = sample.get("json")
+    sizes = {}
+    for member, data in sample.items():
+        ext = member.rsplit(".", 1)[-1]
+        if ext in IMAGE_EXTS and isinstance(data, bytes):
+            sizes[member] = _image_size(data, ext, full)
+            if sizes[member] is None:
+                problems.append(f"{member} is no {'decodable ' if full else ''}{ext} image")
+    generated = [ext for ext in IMAGE_EXTS if ext in sample]
+    if len(generated) != 1:
+        problems.append("no generated image (jpg or png)")
+    try:
+        label = json.loads(sample["json"]) if isinstance(sample.get("json"), bytes) else None
+    except ValueError:
+        label = None
     if not isinstance(label, dict) or not label.get("hands") or "generation" not in label:
         problems.append("the json member is not a label with hands and a generation block")
-    hands = sample.get("data.pyd")
-    if "data.pyd" in required and not isinstance(hands, list):
-        problems.append("data.pyd is not a list of hands")
+    elif len(generated) == 1 and sizes[generated[0]] is not None:
+        frame = "local_image" if sample["__key__"].endswith(LOCAL_SUFFIX) and "local_image" in label else "image"
+        block = label.get(frame)
+        if isinstance(block, dict) and list(sizes[generated[0]]) != block.get("size"):
+            problems.append(f"the generated image is {sizes[generated[0]]} but the json's {frame} block says "
+                            f"{block.get('size')}")
+    if "data.pyd" in required and "data.pyd" in sample:
+        from handsynth.export.hamer import load_pyd
+
+        try:
+            hands = load_pyd(sample["data.pyd"])
+        except Exception:        # a malformed or unsafe pickle is a finding
+            hands = None
+        if not isinstance(hands, list):
+            problems.append("data.pyd is not a list of hands")
     return problems
+
+
+def _image_size(data: bytes, ext: str, full: bool) -> tuple[int, int] | None:
+    """(width, height) from the image's header (``full``: after decoding every pixel); None when the
+    header is not a ``ext`` image or (``full``) the pixels do not decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(_io.BytesIO(data)) as img:
+            if img.format != {"jpg": "JPEG", "png": "PNG"}[ext]:
+                return None
+            if full:
+                img.load()
+            return img.size
+    except Exception:            # any decoder failure: not an image
+        return None

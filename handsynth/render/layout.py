@@ -66,14 +66,15 @@ def frame_complete(run: Path, key: str) -> bool:
         return False
 
 
-def read_label(run: Path, key: str, *, needed_by: str = "") -> dict[str, Any]:
-    """The label of frame ``key``; InputError when it is missing or malformed."""
+def read_label(run: Path, key: str, *, needed_by: str = "", data: bytes | None = None) -> dict[str, Any]:
+    """The label of frame ``key`` (parsed from ``data`` when the caller has read the file); InputError when it
+    is missing or malformed."""
     path = label_path(run, key)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise InputError(f"{needed_by + ' needs ' if needed_by else ''}the label of frame {key}, which the render "
                          "run does not have", where=path,
                          fix="use the render run the later stage was made from, complete (" + REDO + ")")
-    label = io.read_json(path, what="render label")
+    label = io.read_json(path, what="render label") if data is None else io.parse_json(data, path, what="render label")
     if not isinstance(label, dict):
         raise InputError("the render label is not a JSON object", where=path, fix=REDO)
     return label
