@@ -15,7 +15,10 @@ alternating order):
 A "pair" is one global + one local render - the rendering work one condition needs. Each repeat
 gives a ratio (a) / (b pairs per second); the last line is the median of these ratios,
 ``ratio: X``. Interleaving keeps both sides under the same machine load. Start-up (imports, GL
-context, shaders) is excluded from both by a warm-up run.
+context, shaders) is excluded from both by a warm-up run. On a machine shared with other jobs the
+wall-clock ratio swings with their load; the line before it, ``cpu_ratio: X``, is the same median
+computed from the CPU time this process used (all its threads, llvmpipe's rasterisers included),
+which the load disturbs far less.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def main() -> None:
 
     print(f"{args.frames} frames per repeat, {args.width}x{args.height} global + 512x512 local, 2 hands "
           f"(2 x 778 vertices) per frame, workers={args.workers}, {args.repeats} interleaved repeats", flush=True)
-    ratios = []
+    ratios, cpu_ratios = [], []
     with tempfile.TemporaryDirectory(prefix="handsynth-bench-") as tmp:
         tmp = Path(tmp)
         mano_dir = build_mano_files(tmp / "mano")
@@ -127,23 +130,29 @@ def main() -> None:
         raw = raw_pyrender(mano_dir, labels)
         for r in range(args.repeats):
             def ours(r=r):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 summary = render_run(labels, tmp / f"run{r}", mano_dir=mano_dir, workers=args.workers)
                 assert summary.rendered == args.frames, summary
-                return summary.rendered / (time.perf_counter() - start)
+                return (summary.rendered / (time.perf_counter() - start),
+                        summary.rendered / (time.process_time() - cpu))
 
             def reference():
-                return raw_pyrender_fps(raw, views, repeats=args.frames)
+                cpu = time.process_time()
+                rates = raw_pyrender_fps(raw, views, repeats=args.frames)
+                return rates, args.frames / (time.process_time() - cpu)
 
             if r % 2 == 0:                  # alternate the order, so that a load drift favours neither side
-                conditions, (fps_global, fps_local) = ours(), reference()
+                (conditions, cpu_conditions), ((fps_global, fps_local), cpu_pairs) = ours(), reference()
             else:
-                (fps_global, fps_local), conditions = reference(), ours()
+                ((fps_global, fps_local), cpu_pairs), (conditions, cpu_conditions) = reference(), ours()
             pairs = 1.0 / (1.0 / fps_global + 1.0 / fps_local)
             ratios.append(conditions / pairs)
+            cpu_ratios.append(cpu_conditions / cpu_pairs)
             print(f"repeat {r + 1}: (a) render_run {conditions:7.2f} conditions/s | (b) raw pyrender "
                   f"{fps_global:7.2f} global fps, {fps_local:7.2f} local fps, {pairs:7.2f} pairs/s | "
-                  f"(a)/(b) {ratios[-1]:.3f}", flush=True)
+                  f"(a)/(b) {ratios[-1]:.3f} | per CPU second: {cpu_conditions:.2f} / {cpu_pairs:.2f} = "
+                  f"{cpu_ratios[-1]:.3f}", flush=True)
+    print(f"cpu_ratio: {float(np.median(cpu_ratios)):.3f}")
     print(f"ratio: {float(np.median(ratios)):.3f}")
 
 

@@ -6,7 +6,7 @@ import pytest
 from handsynth import keys
 from handsynth.cli import main
 from handsynth.errors import InputError, OutputError
-from handsynth.io import atomic_path, ensure_writable_dir, read_json, write_json_atomic
+from handsynth.io import atomic_file, atomic_path, ensure_writable_dir, read_json, write_json_atomic
 from handsynth.rundir import new_manifest, read_manifest
 
 
@@ -30,13 +30,21 @@ def test_keys_are_stable_dotless_and_distinct():
         keys.sample_key(a, -1)
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+@pytest.mark.parametrize("kind", ["path", "file"])
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, kind):
     target = tmp_path / "labels.json"
     write_json_atomic(target, {"a": 1})
     with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+        if kind == "path":
+            with atomic_path(target) as tmp:
+                tmp.write_text("half")
+                raise RuntimeError("crash")
+        else:
+            with atomic_file(target) as fh:
+                fh.write(b"half")
+                fh.flush()
+                assert len(list(tmp_path.iterdir())) == 2         # the temporary, next to the target
+                raise RuntimeError("crash")
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left behind
 

@@ -150,3 +150,49 @@ def test_depth_image_is_relative_inverse_depth_of_the_z_buffer(renderer):
     # relative: the same scene twice as far (or in other units) gives the same image
     np.testing.assert_array_equal(depth_image(out.depth * 2.0), image)
     assert not depth_image(np.zeros((4, 4), np.float32)).any()
+
+
+def test_smooth_normals_equal_trimesh_vertex_normals():
+    """The normals the renderer uploads are trimesh's (what pyrender's from_trimesh(smooth=True) used), bit for bit,
+    degenerate faces included."""
+    from handsynth.render.renderer import smooth_normals
+
+    for vertices, faces in _asymmetric_mesh():
+        faces = np.vstack([faces, [[0, 0, 1]]])                # a degenerate face: zero normal, zero angles
+        expected = trimesh.Trimesh(vertices, faces, process=False).vertex_normals
+        np.testing.assert_array_equal(smooth_normals(vertices, faces), expected)
+
+
+def test_a_render_does_not_depend_on_what_was_rendered_before(renderer):
+    """Hand slots are reused (vertex buffers overwritten in place, unused slots hidden, draw order as given):
+    each call gives the bytes a fresh renderer gives, whatever the earlier calls drew."""
+    body, cap = _asymmetric_mesh()
+    moved = (body[0] + [0.02, 0.01, 0.03], body[1])
+    calls = [[body, cap], [moved], [cap, moved], [cap], [body, cap, moved], [body]]
+    history, expected = HandRenderer(), []
+    for meshes in calls:
+        (got,) = history.render(meshes, [View(K, SIZE)])
+        (fresh,) = HandRenderer().render(meshes, [View(K, SIZE)])
+        expected.append(fresh.color.tobytes() + fresh.depth.tobytes())
+        assert got.color.tobytes() + got.depth.tobytes() == expected[-1]
+    # the renderers share one GL context, which holds only the meshes of the scene drawn last: alone, the
+    # slots' buffers stay in it and are overwritten, not re-created
+    history.render(calls[4], [View(K, SIZE)])
+    slots = [(node, node.mesh.primitives[0]._vaid) for _, node in history._slots]
+    assert len(slots) == 3 and all(vaid is not None for _, vaid in slots)    # two sphere slots, one capsule
+    for meshes, pixels in zip(calls, expected):
+        (got,) = history.render(meshes, [View(K, SIZE)])
+        assert got.color.tobytes() + got.depth.tobytes() == pixels
+    assert [(node, node.mesh.primitives[0]._vaid) for _, node in history._slots] == slots
+
+
+def test_colour_only_render_reads_the_same_colour(renderer):
+    meshes = _asymmetric_mesh()
+    views = [View(K, SIZE), View(K * [[2], [2], [1]], (512, 512))]
+    full = renderer.render(meshes, views)
+    colour = renderer.render(meshes, views, depth=False)
+    for a, b in zip(full, colour):
+        assert b.depth is None and a.color.tobytes() == b.color.tobytes() and a.color.any()
+        assert (b.mask == a.color.any(axis=2)).all()
+    (again,) = renderer.render(meshes, views[:1])            # and the depth read-back is back for the next call
+    assert again.depth is not None and again.depth.tobytes() == full[0].depth.tobytes()

@@ -259,7 +259,7 @@ def write_shard(path: Path, records: Iterable[tuple[str, dict[str, bytes]]]) -> 
     import webdataset as wds
 
     try:
-        with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        with io.atomic_file(path) as fh:
             hashing = _HashingFile(fh)
             with wds.TarWriter(hashing, encoder=False, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE,
                                mtime=TAR_MTIME, format="PAX_FORMAT") as writer:

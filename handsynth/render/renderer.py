@@ -18,8 +18,11 @@ live context, so the one context lives until the process exits). pyrender keeps 
 and re-creates it whenever the viewport size changes; rendering a global and a local view per
 frame would do that twice a frame, so the framebuffer of each of the first few sizes is kept and
 swapped back in (see _select_framebuffer). Each HandRenderer keeps one scene with its lights and
-camera, and swaps only the hand meshes per call. Rendering is deterministic: the same input gives
-the same bytes on the same machine and driver.
+camera, and one pyrender mesh per hand slot (a MANO topology and its n-th use in a call): a call
+writes its vertices and smooth normals into that mesh's GL vertex buffer in place, hides the slots
+it does not use and draws the used ones in the order given, so no mesh is built or uploaded per
+frame. Rendering is deterministic: the same input gives the same bytes on the same machine and
+driver, whatever was rendered before.
 """
 
 from __future__ import annotations
@@ -72,12 +75,12 @@ class Rendering:
     """
 
     color: np.ndarray
-    depth: np.ndarray
+    depth: np.ndarray | None              # None when the render was asked for colour only
 
     @property
     def mask(self) -> np.ndarray:
         """Silhouette of all meshes, bool (H, W): pixels with any coverage (non-black colour or depth)."""
-        return (self.depth > 0) | self.color.any(axis=2)
+        return self.color.any(axis=2) if self.depth is None else (self.depth > 0) | self.color.any(axis=2)
 
 
 def oriented_faces(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -120,37 +123,101 @@ class HandRenderer:
                             pose=_light_pose(direction))
         self._camera = pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0, znear=ZNEAR, zfar=ZFAR)
         self._scene.add(self._camera, pose=np.eye(4))
-        self._mesh_nodes: list = []
+        self._slots: list[tuple[np.ndarray, object]] = []        # (faces, scene node) per hand slot
 
-    def render(self, meshes: Sequence[Mesh], views: Sequence[View]) -> list[Rendering]:
-        """Render ``meshes`` (camera-space vertices and faces) once per view, in the order given."""
-        import trimesh
-
+    def render(self, meshes: Sequence[Mesh], views: Sequence[View], *, depth: bool = True) -> list[Rendering]:
+        """Render ``meshes`` (camera-space vertices and faces) once per view, in the order given; ``depth=False``
+        reads back the colour only (``Rendering.depth`` None), which saves the depth read-back."""
         pyrender, scene = self._pyrender, self._scene
-        for node in self._mesh_nodes:
-            scene.remove_node(node)
-        self._mesh_nodes = []
+        used = []
         for vertices, faces in meshes:
             vertices = np.asarray(vertices, dtype=np.float64)
             faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
-            tm = trimesh.Trimesh(vertices @ _CV_TO_GL.T, faces, process=False)
-            self._mesh_nodes.append(scene.add(pyrender.Mesh.from_trimesh(tm, material=self._material, smooth=True)))
+            positions = vertices @ _CV_TO_GL.T
+            node = next((n for f, n in self._slots if n not in used and np.array_equal(f, faces)), None)
+            if node is None:
+                primitive = pyrender.Primitive(positions=positions, normals=smooth_normals(positions, faces),
+                                               indices=faces, material=self._material,
+                                               mode=pyrender.constants.GLTF.TRIANGLES)
+                node = scene.add(pyrender.Mesh([primitive]))
+                self._slots.append((faces, node))
+            else:
+                _replace_vertices(node.mesh, positions, smooth_normals(positions, faces))
+            used.append(node)
+        for _, node in self._slots:
+            node.mesh.is_visible = node in used
+        scene.draw_in_order(used)
+        scene._bounds = None                          # pyrender's cached scene bounds (used for shadows)
         out = []
         for view in views:
             (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
             camera = self._camera
             camera.fx, camera.fy, camera.cx, camera.cy = fx, fy, cx + 0.5, cy + 0.5
-            color, depth = self._render_scene(scene, view.size)
-            out.append(Rendering(color=color, depth=depth))
+            out.append(Rendering(*self._render_scene(scene, view.size, depth)))
         return out
 
-    def _render_scene(self, scene, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _render_scene(self, scene, size: tuple[int, int], depth: bool) -> tuple[np.ndarray, np.ndarray | None]:
         offscreen = _offscreen(self._pyrender)
         size = (int(size[0]), int(size[1]))
         _select_framebuffer(offscreen, size)
         offscreen.viewport_width, offscreen.viewport_height = size
-        color, depth = offscreen.render(scene)
-        return np.ascontiguousarray(color[..., :3], dtype=np.uint8), depth.astype(np.float32)
+        renderer = offscreen._renderer
+        color_only = not depth and offscreen._platform.supports_framebuffers()
+        if color_only:                  # pyrender's read-back always reads (and linearises) the depth too
+            renderer._read_main_framebuffer = lambda scene, flags: (_read_color(renderer), None)
+        try:
+            color, z = offscreen.render(scene)
+        finally:
+            renderer.__dict__.pop("_read_main_framebuffer", None)
+        return (np.ascontiguousarray(color[..., :3], dtype=np.uint8),
+                None if not depth else z.astype(np.float32))
+
+
+def _read_color(renderer) -> np.ndarray:
+    """The RGB image of pyrender's just-drawn offscreen framebuffer, read as its ``_read_main_framebuffer``
+    reads it (multisample colour resolved by a linear blit, rows flipped), without the depth buffer."""
+    from OpenGL import GL
+
+    width, height = renderer._main_fb_dims
+    GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, renderer._main_fb_ms)
+    GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, renderer._main_fb)
+    GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, GL.GL_COLOR_BUFFER_BIT, GL.GL_LINEAR)
+    GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, renderer._main_fb)
+    data = GL.glReadPixels(0, 0, width, height, GL.GL_RGB, GL.GL_UNSIGNED_BYTE)
+    return np.flip(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3), axis=0)
+
+
+def smooth_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """The smooth vertex normals pyrender draws a trimesh with (``Trimesh.vertex_normals``: unit face normals
+    from trimesh, degenerate faces left out, summed at each vertex weighted by the face's angle there, then
+    unitised), without building a Trimesh and its caches. trimesh sums through a sparse matrix it builds per
+    call; the same products are summed here in the same order with ``np.bincount`` (equal bits, tested)."""
+    from trimesh import triangles, util
+
+    corners = vertices[faces]
+    normals, valid = triangles.normals(corners)
+    angles = triangles.angles(corners)[valid]
+    corner_vertex = faces[valid].ravel()
+    summed = np.stack([np.bincount(corner_vertex, weights=angles.ravel() * np.repeat(normals[:, c], 3),
+                                   minlength=len(vertices)) for c in range(3)], axis=1)
+    return util.unitize(summed)
+
+
+def _replace_vertices(mesh, positions: np.ndarray, normals: np.ndarray) -> None:
+    """Give a one-primitive pyrender mesh new vertex positions and normals; when it is already in the GL
+    context, overwrite its vertex buffer in place (the layout pyrender uploads: float32 x, y, z, nx, ny, nz
+    per vertex) instead of deleting and re-creating its buffers."""
+    from OpenGL import GL
+
+    (primitive,) = mesh.primitives
+    primitive.positions, primitive.normals = positions, normals
+    mesh._bounds = None
+    if primitive._in_context():
+        data = np.ascontiguousarray(np.hstack((primitive.positions, primitive.normals)), dtype=np.float32)
+        _OFFSCREEN._platform.make_current()
+        GL.glBindBuffer(GL.GL_ARRAY_BUFFER, primitive._buffers[0])
+        GL.glBufferSubData(GL.GL_ARRAY_BUFFER, 0, data.nbytes, data)
+        GL.glBindBuffer(GL.GL_ARRAY_BUFFER, 0)
 
 
 _OFFSCREEN = None
@@ -190,11 +257,9 @@ def _ordered_scene_class(pyrender):
 
     pyrender keeps them in sets, which iterate in memory-address order that changes from run to
     run; the draw order of touching hands and the order in which the shader sums the lights would
-    then change too, and with them a few pixels. Insertion order makes renders byte-identical.
-    Removed nodes are forgotten, so a scene whose meshes are replaced for every frame does not grow.
-    pyrender also forgets every node's cached path to the root whenever a node is added or removed;
-    in a tree that changes no other node's path, so the other paths are kept (no graph search per
-    light and camera on every frame).
+    then change too, and with them a few pixels. Insertion order (or the order :meth:`draw_in_order`
+    last gave) makes renders byte-identical. pyrender also forgets every node's cached path to the root
+    whenever a node is added; in a tree that changes no other node's path, so the other paths are kept.
     """
     global _SCENE_CLASS
     if _SCENE_CLASS is None:
@@ -206,17 +271,18 @@ def _ordered_scene_class(pyrender):
                 added = self.__dict__.setdefault("_added", {})
                 added.setdefault(node, next(self.__dict__.setdefault("_next_index", itertools.count())))
 
-            def remove_node(self, node):
-                paths = self._path_cache
-                super().remove_node(node)
-                self._path_cache = {n: path for n, path in paths.items() if n in self.nodes}
-
             def _remove_node(self, node):
                 super()._remove_node(node)
                 self.__dict__.get("_added", {}).pop(node, None)
 
             def _in_order(self, nodes):
                 return sorted(nodes, key=self.__dict__.get("_added", {}).__getitem__)
+
+            def draw_in_order(self, nodes):
+                """Draw (and iterate) ``nodes`` after every other node, in the order given."""
+                added, counter = self.__dict__["_added"], self.__dict__["_next_index"]
+                for node in nodes:
+                    added[node] = next(counter)
 
             @property
             def mesh_nodes(self):

@@ -111,7 +111,8 @@ class FrameRenderer:
         K_local = geometry.crop_intrinsics(K, crop, size)
         global_view, local_view = self.renderer.render(
             [(h["vertices"], h["faces"]) for h in hands],
-            [View(K, tuple(frame.image_size)), View(K_local, (size, size))])
+            [View(K, tuple(frame.image_size)), View(K_local, (size, size))],
+            depth="depth" in self.settings.styles)
 
         encoded = {}
         for style in self.settings.styles:
