@@ -102,6 +102,7 @@ class Plan:
         if not frames:
             raise ValueError("a plan needs at least one frame")
         self.recipe, self.frames, self.tokenizer = recipe, frames, tokenizer
+        self._local_counts = np.cumsum([0] + [frame.local is not None for frame in frames])   # frames [0, i)
         self.sampler = PromptSampler(recipe.prompts, recipe.seed) if recipe.prompts is not None else None
 
     def key(self, index: int) -> str:
@@ -110,11 +111,13 @@ class Plan:
 
     def images(self, start: int, count: int) -> int:
         """How many images samples ``[start, start + count)`` have: one each, two for a frame with a local
-        image (computed per frame, so a huge ``count`` costs no more than a small one)."""
-        n = len(self.frames)
-        extra = sum((start + count - 1 - r) // n - (start - 1 - r) // n
-                    for r, frame in enumerate(self.frames) if frame.local is not None)
-        return count + extra
+        image (constant time, whatever ``count``)."""
+        return count + self._locals_before(start + count) - self._locals_before(start)
+
+    def _locals_before(self, index: int) -> int:
+        """How many of the samples ``[0, index)`` have a local image."""
+        cycles, rest = divmod(index, len(self.frames))
+        return cycles * int(self._local_counts[-1]) + int(self._local_counts[rest])
 
     def prompt(self, index: int) -> Prompt:
         """The prompt of sample ``index`` (its frame's own text, or the recipe's for the frame's hands)."""
