@@ -211,12 +211,14 @@ def read_modalities_inputs(path: Path, root: Path | None) -> Inputs:
                           "sha256": io.sha256_file(path), "frames": len(frames)})
 
 
-def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
+def find_inputs(recipe, run: Path | None, *, local: bool | None = None) -> tuple[Inputs, str | None]:
     """The inputs: ``run`` (from --run) if given, else the recipe's, else the newest render run under
     ./runs/. Returns them and a note saying which default was used (None when none was). Frames keep their
-    local image only when the recipe's ``branches`` include ``local``; InputError when they do and no frame
-    has one."""
-    inputs, note = _find_inputs(recipe, run)
+    local image only when ``local`` (default: when the recipe's ``branches`` include ``local``); InputError
+    when the recipe's branches ask for it and no frame has one."""
+    if local is None:
+        local = "local" in recipe.branches
+    inputs, note = _find_inputs(recipe, run, local)
     if "local" in recipe.branches and not any(frame.local is not None for frame in inputs.frames):
         raise InputError(f"the recipe's branches ask for a local (hand crop) image per sample, but the inputs "
                          f"({inputs.path}) have no local {recipe.model.condition} images",
@@ -226,8 +228,8 @@ def find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
     return inputs, note
 
 
-def _find_inputs(recipe, run: Path | None) -> tuple[Inputs, str | None]:
-    condition, local = recipe.model.condition, "local" in recipe.branches
+def _find_inputs(recipe, run: Path | None, local: bool) -> tuple[Inputs, str | None]:
+    condition = recipe.model.condition
     if run is not None:
         return read_render_run(run, condition, local=local), None
     if recipe.inputs is not None and recipe.inputs.run is not None:

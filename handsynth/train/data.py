@@ -230,6 +230,6 @@ def read_frames(recipe, run: Path | None) -> tuple[Inputs | None, list[TrainFram
     if run is None and recipe.inputs is not None and recipe.inputs.modalities is not None:
         frames, missing = frames_from_modalities(recipe.inputs.modalities, recipe.inputs.root)
         return None, frames, missing, None
-    inputs, note = find_inputs(recipe, run)
+    inputs, note = find_inputs(recipe, run, local=True)        # training always has the local branch
     frames, missing = frames_from_run(inputs)
     return inputs, frames, missing, note

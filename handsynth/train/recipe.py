@@ -14,7 +14,9 @@ errors. What the shared sections mean for training:
   image exactly as generation cuts the mesh image; ``format`` / ``quality``: the validation images;
 - ``sampler``: how the validation images are sampled; ``prompts`` (render runs): the captions, by the
   frame's hands, as in generation (a modalities file brings its own);
-- ``batch_size``: samples per device per micro-batch (the public code: 1).
+- ``batch_size``: samples per device per micro-batch (the public code: 1);
+- ``branches`` is a generation setting and is not used: training always has both branches (weighted by
+  ``train.lambda_global`` / ``train.lambda_local``) and reads every frame's local mesh image.
 """
 
 from __future__ import annotations
