@@ -44,7 +44,8 @@ def manifest(out: Path) -> dict:
 def single(tiny_sd_dir, tiny_guidance_dir, small_render_run, tmp_path_factory):
     """COUNT samples, batch size 2, one worker in this process: the reference for every other run."""
     folder = tmp_path_factory.mktemp("gen-single")
-    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir, extra=f"inputs:\n  run: {small_render_run}\n")
+    recipe = write_gen_recipe(folder, tiny_sd_dir, tiny_guidance_dir,
+                              extra=f"inputs:\n  run: {small_render_run}\nbranches: [global, local]\n")
     out = folder / "out"
     assert main(["generate", "--recipe", str(recipe), "--device", "cpu", "--count", str(COUNT),
                  "--batch-size", "2", "--out", str(out)]) == 0
@@ -61,12 +62,13 @@ def test_two_workers_write_the_same_run_as_one(single, tmp_path, capsys):
     code, text = gen(capsys, single["recipe"], "--count", str(COUNT), "--batch-size", "2", "--workers", "2",
                      "--out", str(out))
     assert code == 0, text
-    assert f"generated {COUNT} image(s), 0 already done" in text and "on 2 workers" in text
+    assert f"generated {2 * COUNT} image(s) ({COUNT} sample(s) x global + local), 0 already done" in text and "on 2 workers" in text
     assert files(out) == single["files"]
     record = manifest(out)
     assert record["status"] == "complete" and record["workers"] == {"backend": "local", "count": 2,
                                                                    "devices": ["cpu"]}
-    assert record["counts"] == {"requested": COUNT, "done": COUNT, "skipped": 0, "samples_in_out": COUNT}
+    assert record["counts"] == {"requested": COUNT, "done": COUNT, "skipped": 0, "samples_in_out": COUNT,
+                                "images_requested": 2 * COUNT, "images_done": 2 * COUNT, "images_skipped": 0}
     assert record["fingerprint"] == manifest(single["out"])["fingerprint"]
     assert not list(out.rglob(".*.tmp")) and not (out / ".handsynth.lock").exists()
 
@@ -94,12 +96,13 @@ def test_the_ray_actor_writes_the_claimed_batches(single, tmp_path):
     out.mkdir()
     actor = RayWorker(Job(recipe, read_render_run(recipe.inputs.run), out, 0, COUNT, 2, "fp32"), "cpu")
     got = actor({"id": np.array([3, 1])})
-    assert {k: v.tolist() for k, v in got.items()} == {"batch": [3, 1], "done": [2, 2], "skipped": [0, 0]}
+    assert {k: v.tolist() for k, v in got.items()} == {"batch": [3, 1], "done": [2, 2], "skipped": [0, 0],
+                                                        "images_done": [4, 4], "images_skipped": [0, 0]}
     want = {n: d for n, d in single["files"].items() if json.loads(single["files"][
         "samples/" + Path(n).stem + ".json"])["index"] in (2, 3, 6, 7)}
     assert files(out) == want and len(want) == 4 * 3
     assert {k: v.tolist() for k, v in actor({"id": np.array([1])}).items()} == {
-        "batch": [1], "done": [0], "skipped": [2]}
+        "batch": [1], "done": [0], "skipped": [2], "images_done": [0], "images_skipped": [4]}
 
 
 @pytest.mark.slow
@@ -117,11 +120,12 @@ def test_ray_backend_writes_the_same_run_as_one_worker(single, tmp_path, capsys)
     finally:
         ray.shutdown()
     assert code == 0, text
-    assert f"generated {COUNT} image(s), 0 already done" in text and "on 2 workers" in text
+    assert f"generated {2 * COUNT} image(s) ({COUNT} sample(s) x global + local), 0 already done" in text and "on 2 workers" in text
     assert files(out) == single["files"]
     record = manifest(out)
     assert record["workers"] == {"backend": "ray", "count": 2, "devices": ["cpu"]}
-    assert record["counts"] == {"requested": COUNT, "done": COUNT, "skipped": 0, "samples_in_out": COUNT}
+    assert record["counts"] == {"requested": COUNT, "done": COUNT, "skipped": 0, "samples_in_out": COUNT,
+                                "images_requested": 2 * COUNT, "images_done": 2 * COUNT, "images_skipped": 0}
 
 
 def test_a_worker_error_reaches_the_user(single, tmp_path, capsys, tiny_guidance_dir, small_render_run):
@@ -226,4 +230,5 @@ def test_sigkill_at_several_points_then_resume_equals_an_uninterrupted_run(singl
     assert record["status"] == "complete" and record["previous_status"] == "running"
     assert record["counts"]["done"] + record["counts"]["skipped"] == COUNT
     assert record["counts"] == {"requested": COUNT, "done": COUNT - seen[1], "skipped": seen[1],
-                                "samples_in_out": COUNT}
+                                "samples_in_out": COUNT, "images_requested": 2 * COUNT,
+                                "images_done": 2 * (COUNT - seen[1]), "images_skipped": 2 * seen[1]}
