@@ -40,6 +40,23 @@ def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Every run in this module - in this process, in subprocesses and in spawned workers - on one torch CPU
+    thread: CPU kernels may sum in another order with another thread count, and the runs are compared byte
+    for byte (OMP_NUM_THREADS reaches the workers, set_num_threads this process)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def single(tiny_sd_dir, tiny_guidance_dir, small_render_run, tmp_path_factory):
     """COUNT samples, batch size 2, one worker in this process: the reference for every other run."""
