@@ -131,3 +131,15 @@ def parse_json(data: bytes | str, path: str | Path, *, what: str = "JSON file") 
             where=path,
             fix="repair or regenerate the file (a truncated download is a common cause)",
         ) from None
+
+
+def open_rgb(path: str | Path, *, what: str, fix: str):
+    """The image at ``path`` as an RGB PIL image; an InputError naming ``what`` and ``fix`` when it cannot
+    be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"cannot read the {what}: {exc}", where=path, fix=fix) from None

@@ -102,14 +102,8 @@ def encode_image(image, fmt: str, quality: int) -> bytes:
 
 
 def _open_rgb(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"cannot read the mesh image: {exc}", where=path,
-                         fix="rerun the stage that wrote it (e.g. `handsynth render` into a new --out)") from None
+    return io.open_rgb(path, what="mesh image",
+                       fix="rerun the stage that wrote it (e.g. `handsynth render` into a new --out)")
 
 
 @dataclass

@@ -72,14 +72,7 @@ class Sample:
 
 
 def _open_rgb(path: Path, what: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"cannot read the {what}: {exc}", where=path,
-                         fix="replace the file, or leave its frame out of the training inputs") from None
+    return io.open_rgb(path, what=what, fix="replace the file, or leave its frame out of the training inputs")
 
 
 def mesh_box(mesh) -> tuple[float, float, float, float] | None:
