@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import platform
@@ -51,13 +52,15 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # --- manifests ---------------------------------------------------------------------------------
 
+@functools.cache
 def environment_versions() -> dict[str, str]:
-    """Versions of the packages that decide a run's output, for manifests."""
+    """Versions of the packages that decide a run's output, for manifests (looked up once per process; a
+    manifest gets a copy)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in ("handsynth", "torch", "diffusers", "transformers", "numpy", "pyrender",
-                 "trimesh", "smplx", "webdataset"):
+                 "trimesh", "smplx", "webdataset", "zlib-ng"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -70,7 +73,7 @@ def new_manifest(stage: str, command: list[str] | None = None, **fields: Any) ->
         "stage": stage,
         "command": command if command is not None else sys.argv,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": environment_versions(),
+        "versions": dict(environment_versions()),
         **fields,
     }
 

@@ -128,6 +128,12 @@ class HandRenderer:
     def render(self, meshes: Sequence[Mesh], views: Sequence[View], *, depth: bool = True) -> list[Rendering]:
         """Render ``meshes`` (camera-space vertices and faces) once per view, in the order given; ``depth=False``
         reads back the colour only (``Rendering.depth`` None), which saves the depth read-back."""
+        return self.start(meshes, views, depth=depth).wait()
+
+    def start(self, meshes: Sequence[Mesh], views: Sequence[View], *, depth: bool = True) -> PendingRender:
+        """Like :meth:`render`, but return once the GL commands are issued: the GL driver draws meanwhile (Mesa's
+        llvmpipe in its own threads), while the caller does other work; ``.wait()`` reads the images back. Call
+        ``wait`` before the next ``start`` or ``render`` of this process (they share the GL context and meshes)."""
         pyrender, scene = self._pyrender, self._scene
         used = []
         for vertices, faces in meshes:
@@ -148,43 +154,89 @@ class HandRenderer:
             node.mesh.is_visible = node in used
         scene.draw_in_order(used)
         scene._bounds = None                          # pyrender's cached scene bounds (used for shadows)
-        out = []
+        offscreen = _offscreen(pyrender)
+        if not offscreen._platform.supports_framebuffers():      # OSMesa: pyrender draws and reads at once
+            return PendingRender([self._render_now(offscreen, view) for view in views], depth)
+        offscreen._platform.make_current()
+        renderer, drawn = offscreen._renderer, []
         for view in views:
-            (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
-            camera = self._camera
-            camera.fx, camera.fy, camera.cx, camera.cy = fx, fy, cx + 0.5, cy + 0.5
-            out.append(Rendering(*self._render_scene(scene, view.size, depth)))
-        return out
+            self._set_camera(view)
+            size = (int(view.size[0]), int(view.size[1]))
+            # a framebuffer per view of the call, so that no view is drawn over before it is read
+            _select_framebuffer(offscreen, (*size, sum(d.size == size for d in drawn)))
+            offscreen.viewport_width, offscreen.viewport_height = size
+            renderer._read_main_framebuffer = lambda scene, flags: drawn.append(_Drawn.flush(renderer))
+            try:
+                offscreen.render(scene)
+            finally:
+                renderer.__dict__.pop("_read_main_framebuffer", None)
+        return PendingRender(drawn, depth)
 
-    def _render_scene(self, scene, size: tuple[int, int], depth: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        offscreen = _offscreen(self._pyrender)
-        size = (int(size[0]), int(size[1]))
-        _select_framebuffer(offscreen, size)
-        offscreen.viewport_width, offscreen.viewport_height = size
-        renderer = offscreen._renderer
-        color_only = not depth and offscreen._platform.supports_framebuffers()
-        if color_only:                  # pyrender's read-back always reads (and linearises) the depth too
-            renderer._read_main_framebuffer = lambda scene, flags: (_read_color(renderer), None)
-        try:
-            color, z = offscreen.render(scene)
-        finally:
-            renderer.__dict__.pop("_read_main_framebuffer", None)
-        return (np.ascontiguousarray(color[..., :3], dtype=np.uint8),
-                None if not depth else z.astype(np.float32))
+    def _set_camera(self, view: View) -> None:
+        (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
+        self._camera.fx, self._camera.fy, self._camera.cx, self._camera.cy = fx, fy, cx + 0.5, cy + 0.5
+
+    def _render_now(self, offscreen, view: View) -> Rendering:
+        self._set_camera(view)
+        offscreen.viewport_width, offscreen.viewport_height = (int(view.size[0]), int(view.size[1]))
+        color, z = offscreen.render(self._scene)
+        return Rendering(np.ascontiguousarray(color[..., :3], dtype=np.uint8), z.astype(np.float32))
 
 
-def _read_color(renderer) -> np.ndarray:
-    """The RGB image of pyrender's just-drawn offscreen framebuffer, read as its ``_read_main_framebuffer``
-    reads it (multisample colour resolved by a linear blit, rows flipped), without the depth buffer."""
-    from OpenGL import GL
+class PendingRender:
+    """Renders issued by :meth:`HandRenderer.start`; :meth:`wait` reads them back (once)."""
 
-    width, height = renderer._main_fb_dims
-    GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, renderer._main_fb_ms)
-    GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, renderer._main_fb)
-    GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, GL.GL_COLOR_BUFFER_BIT, GL.GL_LINEAR)
-    GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, renderer._main_fb)
-    data = GL.glReadPixels(0, 0, width, height, GL.GL_RGB, GL.GL_UNSIGNED_BYTE)
-    return np.flip(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3), axis=0)
+    def __init__(self, views: list, depth: bool):
+        self._views, self._depth = views, depth
+
+    def wait(self) -> list[Rendering]:
+        out = [view if isinstance(view, Rendering) else view.read(self._depth) for view in self._views]
+        self._views = []
+        return [r if self._depth else Rendering(r.color, None) for r in out]
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    """A view drawn into one of pyrender's multisampled framebuffers (``ms``), to be resolved into its
+    single-sample companion (``fb``) and read back."""
+
+    ms: int
+    fb: int
+    size: tuple[int, int]
+
+    @classmethod
+    def flush(cls, renderer) -> _Drawn:
+        """Stands in for pyrender's ``_read_main_framebuffer`` at the end of a render: instead of reading, flush,
+        which sets the driver drawing (llvmpipe: in its own threads) while Python goes on."""
+        from OpenGL import GL
+
+        GL.glFlush()
+        return cls(renderer._main_fb_ms, renderer._main_fb, tuple(renderer._main_fb_dims))
+
+    def read(self, depth: bool) -> Rendering:
+        """What pyrender's ``_read_main_framebuffer`` reads: colour resolved by a linear blit and, with ``depth``,
+        the depth buffer (nearest sample) as camera Z in metres, 0 where empty, by pyrender's formula; rows top
+        first. Waits for the driver to finish drawing the view."""
+        from OpenGL import GL
+
+        _OFFSCREEN._platform.make_current()
+        width, height = self.size
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self.ms)
+        GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self.fb)
+        GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, GL.GL_COLOR_BUFFER_BIT, GL.GL_LINEAR)
+        if depth:
+            GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, GL.GL_DEPTH_BUFFER_BIT, GL.GL_NEAREST)
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self.fb)
+        data = GL.glReadPixels(0, 0, width, height, GL.GL_RGB, GL.GL_UNSIGNED_BYTE)
+        color = np.ascontiguousarray(np.flip(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3), axis=0))
+        z = None
+        if depth:
+            data = GL.glReadPixels(0, 0, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT)
+            buffer = np.flip(np.frombuffer(data, dtype=np.float32).reshape(height, width), axis=0)
+            ndc = 2.0 * buffer - 1.0               # pyrender's linearisation, in float32 as pyrender computes it
+            z = np.where(buffer == 1.0, np.float32(0.0),
+                         (2.0 * ZNEAR * ZFAR) / (ZFAR + ZNEAR - ndc * (ZFAR - ZNEAR))).astype(np.float32)
+        return Rendering(color, z)
 
 
 def smooth_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -226,30 +278,35 @@ _SCENE_CLASS = None
 _FRAMEBUFFER_ATTRS = ("_main_fb", "_main_cb", "_main_db", "_main_fb_ms", "_main_cb_ms", "_main_db_ms",
                       "_main_fb_dims")
 _NO_FRAMEBUFFER = (None,) * 6 + ((None, None),)
-MAX_KEPT_FRAMEBUFFERS = 4
-_KEPT_FRAMEBUFFERS: dict[tuple[int, int], tuple] = {}      # size -> framebuffer, not the one in use
+MAX_KEPT_FRAMEBUFFERS = 6
+_KEPT_FRAMEBUFFERS: dict[tuple[int, int, int], tuple] = {}     # (width, height, slot) -> framebuffer, not in use
+_FRAMEBUFFER_KEY = "_handsynth_framebuffer"                   # attribute of pyrender's renderer: the key in use
 
 
-def _select_framebuffer(offscreen, size: tuple[int, int]) -> None:
-    """Put the framebuffer kept for ``size`` into pyrender's renderer, keeping the one in use for later.
+def _select_framebuffer(offscreen, key: tuple[int, int, int]) -> None:
+    """Put the framebuffer kept for ``key`` (width, height, slot) into pyrender's renderer, keeping the one in
+    use for later.
 
-    pyrender re-creates its framebuffer whenever the viewport size changes (about 1/7 of a frame's
-    rendering time when it alternates between two sizes). Instead, the framebuffer of the size being
-    left is set aside, and the one of the size asked for is put back, or none, which pyrender then
-    creates. Up to MAX_KEPT_FRAMEBUFFERS sizes are set aside; past that pyrender deletes the one being
-    left as usual. Platforms without framebuffers (OSMesa) re-create their whole context on a size change
-    and are left alone.
+    pyrender has one framebuffer and re-creates it whenever the viewport size changes (about 1/7 of a frame's
+    rendering time when it alternates between two sizes). Instead, the framebuffer in use is set aside under its
+    key, and the one of the key asked for is put back, or none, which pyrender then creates. Slots give views
+    of the same size their own framebuffers, so that a view is not drawn over before it is read
+    (:meth:`HandRenderer.start`). Up to MAX_KEPT_FRAMEBUFFERS are set aside; past that the one being left is
+    deleted. Platforms without framebuffers (OSMesa) re-create their whole context on a size change and are
+    left alone.
     """
     renderer = offscreen._renderer
-    if not offscreen._platform.supports_framebuffers() or renderer._main_fb_dims == size:
+    current = renderer.__dict__.get(_FRAMEBUFFER_KEY)
+    if not offscreen._platform.supports_framebuffers() or (current == key and renderer._main_fb is not None):
         return
     if renderer._main_fb is not None:
-        if len(_KEPT_FRAMEBUFFERS) >= MAX_KEPT_FRAMEBUFFERS and size not in _KEPT_FRAMEBUFFERS:
-            return                                    # pyrender deletes it and creates one at the new size
-        _KEPT_FRAMEBUFFERS[renderer._main_fb_dims] = tuple(getattr(renderer, a) for a in _FRAMEBUFFER_ATTRS)
-    kept = _KEPT_FRAMEBUFFERS.pop(size, _NO_FRAMEBUFFER)
-    for attr, value in zip(_FRAMEBUFFER_ATTRS, kept):
+        if len(_KEPT_FRAMEBUFFERS) >= MAX_KEPT_FRAMEBUFFERS and key not in _KEPT_FRAMEBUFFERS:
+            renderer._delete_main_framebuffer()
+        else:
+            _KEPT_FRAMEBUFFERS[current] = tuple(getattr(renderer, a) for a in _FRAMEBUFFER_ATTRS)
+    for attr, value in zip(_FRAMEBUFFER_ATTRS, _KEPT_FRAMEBUFFERS.pop(key, _NO_FRAMEBUFFER)):
         setattr(renderer, attr, value)
+    setattr(renderer, _FRAMEBUFFER_KEY, key)
 
 
 def _ordered_scene_class(pyrender):
