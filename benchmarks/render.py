@@ -1,6 +1,6 @@
 """Render-stage throughput against raw pyrender speed, measured in the same run.
 
-    python benchmarks/render.py [--frames 50] [--repeats 5] [--width 640 --height 480] [--workers 1]
+    python benchmarks/render.py [--frames 100] [--repeats 5] [--width 640 --height 480] [--workers 1]
 
 Builds the hand-shaped test MANO files and a synthetic handsynth JSONL label set (two hands per
 frame, seeded random poses) in a temporary folder, then measures, ``--repeats`` times interleaved (in
@@ -100,7 +100,7 @@ def raw_pyrender_fps(raw, views, repeats: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)

@@ -14,6 +14,7 @@ render of the same meshes, and the label (one per frame) lists each image under 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io as _io
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,23 +117,29 @@ class FrameRenderer:
         self.renderer = HandRenderer()
         self.joint_names, self.joint_order = list(JOINT_NAMES), JOINT_ORDER
 
-    def render(self, frames: list[Frame]) -> list[FrameResult]:
-        """Render ``frames`` (a chunk, see :data:`CHUNK`): MANO and geometry of them all (together, with the model
-        in the CPU caches: between renders, which sweep the caches, MANO takes twice as long), then one frame
-        after the other the GL render, during which the previous frame's files are written (the GL driver draws
-        in its own threads meanwhile)."""
-        prepared = [self.prepare(frame) for frame in frames]
-        results, drawn = [], None
-        for prep in prepared:
+    def render(self, frames: list[Frame]) -> Iterator[FrameResult]:
+        """Render ``frames``, yielding each one's result, in order, once its files are written.
+
+        A pipeline that keeps the GL driver drawing while Python works. Each frame's render is started
+        (:meth:`HandRenderer.start`); while the driver draws it (llvmpipe: in its own threads; a GPU: on its own),
+        the previous frame's files are written, and then it is read back. MANO and geometry run for
+        :data:`CHUNK` frames at a time, while the last frame of the chunk before is drawn: together they keep the
+        model in the CPU caches (between renders, which sweep the caches, MANO takes twice as long).
+        """
+        prepared = collections.deque(self.prepare(frame) for frame in frames[:CHUNK])
+        drawn = None
+        for i in range(len(frames)):
+            prep = prepared.popleft()
             pending = self._start(prep)
             if drawn is not None:
-                results.append(self.finish(drawn))
+                yield self.finish(drawn)
+            if not prepared:
+                prepared.extend(self.prepare(frame) for frame in frames[i + 1:i + 1 + CHUNK])
             if pending is not None:
                 prep.views = pending.wait()
             drawn = prep
         if drawn is not None:
-            results.append(self.finish(drawn))
-        return results
+            yield self.finish(drawn)
 
     def prepare(self, frame: Frame) -> Prepared:
         """MANO and geometry of the frame's hands, the local crop and camera (no GL)."""
@@ -415,11 +423,9 @@ def _render_frames(frames: list[Frame], out: Path, model, settings: Settings, wo
             threads = torch.get_num_threads()
             torch.set_num_threads(1)        # see _init_worker
             try:
-                worker = FrameRenderer(out, model, settings)
-                for chunk in _chunks(frames, 1):
-                    for result in worker.render(chunk):
-                        results.append(result)
-                        bar.advance(task)
+                for result in FrameRenderer(out, model, settings).render(frames):
+                    results.append(result)
+                    bar.advance(task)
             finally:
                 torch.set_num_threads(threads)
         else:
@@ -454,7 +460,7 @@ def _work(frames: list[Frame]) -> list[FrameResult]:
     assert _WORKER is not None
     if os.getppid() != _PARENT:     # the run was killed: stop, the folder may belong to a resumed run now
         os._exit(1)
-    return _WORKER.render(frames)
+    return list(_WORKER.render(frames))
 
 
 def _chunks(frames: list[Frame], workers: int) -> list[list[Frame]]:
