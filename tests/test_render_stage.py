@@ -469,3 +469,40 @@ def test_a_damaged_render_label_line_names_line_and_field(tmp_path, mano_dir, ih
     assert main(["render", "--labels", str(bad), "--mano-dir", str(mano_dir), "--out", str(tmp_path / "o")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "line 1" in err and "hands[0].mano.pose" in err, err
+
+
+def test_the_pipeline_writes_each_frame_what_rendering_it_alone_writes(tmp_path, mano_dir, monkeypatch):
+    """FrameRenderer.render overlaps a frame's GL render with the previous frame's files and computes MANO a chunk
+    ahead: every frame's files must still be byte-identical to those of the frame rendered on its own, across
+    chunk boundaries, frames without a renderable hand, one- and two-hand frames, different image sizes and
+    both styles (depth read back too)."""
+    import handsynth.render.stage as stage
+
+    monkeypatch.setattr(stage, "CHUNK", 3)
+    rng = np.random.default_rng(7)
+    records = []
+    for i in range(8):
+        hands = [{"side": side, "pose": rng.normal(0, 0.2, 48).tolist(), "shape": rng.normal(0, 0.5, 10).tolist(),
+                  "trans": [x + 0.02 * rng.normal(), 0.01 * rng.normal(), 0.55 + 0.05 * rng.normal()]}
+                 for side, x in (("right", -0.06), ("left", 0.06))[: 1 + i % 2]]
+        if i == 4:
+            hands[0]["trans"][2] = -0.6                              # behind the camera: nothing to render
+        size = (320, 240) if i % 3 else (512, 512)             # 512: the local view's size too
+        records.append(jsonl_record(f"f{i}", width=size[0], height=size[1],
+                                    K=[[300.0, 0, size[0] / 2], [0, 300.0, size[1] / 2], [0, 0, 1]], hands=hands))
+    from handsynth.labels import read_labels
+
+    frames = read_labels(write_jsonl(tmp_path / "p.jsonl", records)).frames
+    settings = stage.Settings(styles=("mesh", "depth"))
+    model = HandModel(mano_dir)
+    together = stage.FrameRenderer(tmp_path / "together", model, settings)
+    results = list(together.render(frames))
+    assert [r.key for r in results] == [f.key for f in frames]
+    assert [r.status for r in results] == ["rendered"] * 4 + ["skipped"] + ["rendered"] * 3
+    alone = stage.FrameRenderer(tmp_path / "alone", model, settings)
+    for frame in reversed(frames):                      # another order, one frame per call
+        (result,) = alone.render([frame])
+        assert result.jsonl_line == results[frames.index(frame)].jsonl_line
+    first, second = _files(tmp_path / "together"), _files(tmp_path / "alone")
+    assert list(first) == list(second) and len(first) == 7 * 5      # 4 images and a label per rendered frame
+    assert all(first[name] == second[name] for name in first)

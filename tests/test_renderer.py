@@ -196,3 +196,39 @@ def test_colour_only_render_reads_the_same_colour(renderer):
         assert (b.mask == a.color.any(axis=2)).all()
     (again,) = renderer.render(meshes, views[:1])            # and the depth read-back is back for the next call
     assert again.depth is not None and again.depth.tobytes() == full[0].depth.tobytes()
+
+
+def test_deferred_read_back_equals_pyrenders_own(renderer):
+    """start() draws every view before reading any back (views of one size in their own framebuffers) and reads
+    them with its own blit and depth conversion: the bytes must equal pyrender's own render-and-read of each view,
+    including two views of the same size in one call, whatever Python does in between."""
+    from handsynth.render import renderer as module
+
+    meshes = _asymmetric_mesh()
+    views = [View(K, (512, 512)), View(K * [[1.6], [1.6], [1]], (512, 512)), View(K, SIZE)]
+    pending = renderer.start(meshes, views)
+    sum(i * i for i in range(100_000))                         # the caller's work while the driver draws
+    got = pending.wait()
+    assert pending.wait() is got                               # read once
+    offscreen = module._offscreen(renderer._pyrender)
+    for view, rendering in zip(views, got):
+        own = renderer._render_now(offscreen, view)            # pyrender's OffscreenRenderer.render, unhooked
+        assert rendering.color.tobytes() == own.color.tobytes() and rendering.color.any()
+        assert rendering.depth.tobytes() == own.depth.tobytes()
+    assert got[0].color.tobytes() != got[1].color.tobytes()
+
+
+def test_many_view_sizes_recycle_framebuffers(renderer):
+    """More framebuffer keys than are kept, one after the other and in one call: the ones set aside longest ago
+    are deleted, every render stays right."""
+    from handsynth.render import renderer as module
+
+    meshes = _asymmetric_mesh()
+    sizes = [(96 + 8 * i, 80 + 4 * i) for i in range(module.MAX_KEPT_FRAMEBUFFERS + 3)]
+    first = [renderer.render(meshes, [View(K * [[s[0] / 320], [s[0] / 320], [1]], s)])[0] for s in sizes]
+    assert len(module._KEPT_FRAMEBUFFERS) <= module.MAX_KEPT_FRAMEBUFFERS
+    again = [renderer.render(meshes, [View(K * [[s[0] / 320], [s[0] / 320], [1]], s)])[0] for s in sizes[::-1]]
+    at_once = renderer.render(meshes, [View(K * [[s[0] / 320], [s[0] / 320], [1]], s) for s in sizes])
+    for a, b, c in zip(first, again[::-1], at_once):
+        assert a.color.tobytes() == b.color.tobytes() == c.color.tobytes() and a.color.any()
+        assert a.depth.tobytes() == b.depth.tobytes() == c.depth.tobytes()

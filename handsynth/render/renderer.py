@@ -132,8 +132,14 @@ class HandRenderer:
 
     def start(self, meshes: Sequence[Mesh], views: Sequence[View], *, depth: bool = True) -> PendingRender:
         """Like :meth:`render`, but return once the GL commands are issued: the GL driver draws meanwhile (Mesa's
-        llvmpipe in its own threads), while the caller does other work; ``.wait()`` reads the images back. Call
-        ``wait`` before the next ``start`` or ``render`` of this process (they share the GL context and meshes)."""
+        llvmpipe in its own threads, a GPU on its own), while the caller does other work; ``.wait()`` reads the
+        images back. Call ``wait`` before the next ``start`` or ``render`` of the process (they share the GL
+        context, the framebuffers and the meshes). Each view is drawn into a multisampled framebuffer of its own
+        and flushed; the read-back resolves it as pyrender's own read does (same bytes, tested)."""
+        if len(views) > MAX_KEPT_FRAMEBUFFERS:          # more views than kept framebuffers: read back in groups
+            step = MAX_KEPT_FRAMEBUFFERS
+            return PendingRender([rendering for i in range(0, len(views), step)
+                                  for rendering in self.start(meshes, views[i:i + step], depth=depth).wait()], depth)
         pyrender, scene = self._pyrender, self._scene
         used = []
         for vertices, faces in meshes:
@@ -184,15 +190,17 @@ class HandRenderer:
 
 
 class PendingRender:
-    """Renders issued by :meth:`HandRenderer.start`; :meth:`wait` reads them back (once)."""
+    """The views of one :meth:`HandRenderer.start`; :meth:`wait` reads them back on its first call and returns them."""
 
     def __init__(self, views: list, depth: bool):
         self._views, self._depth = views, depth
+        self._renderings: list[Rendering] | None = None
 
     def wait(self) -> list[Rendering]:
-        out = [view if isinstance(view, Rendering) else view.read(self._depth) for view in self._views]
-        self._views = []
-        return [r if self._depth else Rendering(r.color, None) for r in out]
+        if self._renderings is None:
+            out = [view if isinstance(view, Rendering) else view.read(self._depth) for view in self._views]
+            self._renderings = [r if self._depth else Rendering(r.color, None) for r in out]
+        return self._renderings
 
 
 @dataclass(frozen=True)
@@ -290,23 +298,35 @@ def _select_framebuffer(offscreen, key: tuple[int, int, int]) -> None:
     pyrender has one framebuffer and re-creates it whenever the viewport size changes (about 1/7 of a frame's
     rendering time when it alternates between two sizes). Instead, the framebuffer in use is set aside under its
     key, and the one of the key asked for is put back, or none, which pyrender then creates. Slots give views
-    of the same size their own framebuffers, so that a view is not drawn over before it is read
-    (:meth:`HandRenderer.start`). Up to MAX_KEPT_FRAMEBUFFERS are set aside; past that the one being left is
-    deleted. Platforms without framebuffers (OSMesa) re-create their whole context on a size change and are
-    left alone.
+    of the same size in one render their own framebuffers, so that no view is drawn over before it is read
+    (:meth:`HandRenderer.start`). Up to MAX_KEPT_FRAMEBUFFERS are set aside; past that the one set aside
+    longest ago is deleted (never one of the render in progress: a render has fewer views than that). Platforms
+    without framebuffers (OSMesa) re-create their whole context on a size change and are left alone.
     """
     renderer = offscreen._renderer
     current = renderer.__dict__.get(_FRAMEBUFFER_KEY)
     if not offscreen._platform.supports_framebuffers() or (current == key and renderer._main_fb is not None):
         return
     if renderer._main_fb is not None:
-        if len(_KEPT_FRAMEBUFFERS) >= MAX_KEPT_FRAMEBUFFERS and key not in _KEPT_FRAMEBUFFERS:
-            renderer._delete_main_framebuffer()
+        if current is None or tuple(renderer._main_fb_dims) != current[:2]:
+            renderer._delete_main_framebuffer()       # made by a render that did not select one; not kept
         else:
+            if len(_KEPT_FRAMEBUFFERS) >= MAX_KEPT_FRAMEBUFFERS:
+                _delete_framebuffer(_KEPT_FRAMEBUFFERS.pop(next(iter(_KEPT_FRAMEBUFFERS))))
             _KEPT_FRAMEBUFFERS[current] = tuple(getattr(renderer, a) for a in _FRAMEBUFFER_ATTRS)
     for attr, value in zip(_FRAMEBUFFER_ATTRS, _KEPT_FRAMEBUFFERS.pop(key, _NO_FRAMEBUFFER)):
         setattr(renderer, attr, value)
     setattr(renderer, _FRAMEBUFFER_KEY, key)
+
+
+def _delete_framebuffer(kept: tuple) -> None:
+    """Delete the GL objects of a framebuffer set aside by :func:`_select_framebuffer` (as pyrender deletes its own)."""
+    from OpenGL import GL
+
+    fb, cb, db, fb_ms, cb_ms, db_ms, _ = kept
+    GL.glDeleteFramebuffers(2, [fb, fb_ms])
+    GL.glDeleteRenderbuffers(2, [cb, cb_ms])
+    GL.glDeleteRenderbuffers(2, [db, db_ms])
 
 
 def _ordered_scene_class(pyrender):

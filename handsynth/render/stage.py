@@ -35,8 +35,8 @@ from handsynth.errors import InputError
 from handsynth.labels.schema import Frame, Hand
 from handsynth.render import geometry, layout
 from handsynth.render.png import encode_png
-from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer, View,
-                                       depth_image)
+from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer,
+                                       PendingRender, View, depth_image)
 
 STAGE = layout.STAGE
 LOCAL_SIZE = 512
@@ -153,7 +153,7 @@ class FrameRenderer:
         prep.K_local = geometry.crop_intrinsics(frame.camera.K, prep.crop, self.settings.local_size)
         return prep
 
-    def _start(self, prep: Prepared):
+    def _start(self, prep: Prepared) -> PendingRender | None:
         """Start the GL render of the prepared frame's global and local view (None when it has no hands)."""
         if not prep.hands:
             return None
