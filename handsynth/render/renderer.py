@@ -16,8 +16,11 @@ One pyrender.OffscreenRenderer per process is created lazily and reused for ever
 every HandRenderer (pyrender's EGL teardown terminates the display, which would break any other
 live context, so the one context lives until the process exits). pyrender keeps one framebuffer
 and re-creates it whenever the viewport size changes; rendering a global and a local view per
-frame would do that twice a frame, so the framebuffer of each of the first few sizes is kept and
-swapped back in (see _select_framebuffer). Each HandRenderer keeps one scene with its lights and
+frame would do that twice a frame, so the framebuffers of the last few (size, slot) keys are kept
+and swapped back in (see _select_framebuffer). :meth:`HandRenderer.start` draws every view of a
+call into its own framebuffer and only flushes, so the driver draws (Mesa's llvmpipe in its own
+threads) while the caller works; :meth:`PendingRender.wait` then resolves and reads the views as
+pyrender's own read-back does. Each HandRenderer keeps one scene with its lights and
 camera, and one pyrender mesh per hand slot (a MANO topology and its n-th use in a call): a call
 writes its vertices and smooth normals into that mesh's GL vertex buffer in place, hides the slots
 it does not use and draws the used ones in the order given, so no mesh is built or uploaded per

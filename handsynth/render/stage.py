@@ -5,7 +5,9 @@ that a rerun resumes the same run and records how the run ended. Every file is w
 (temporary name + rename). A rerun of the same command keeps complete frames (label parses, every
 image matches the sha256 its label recorded) and renders the rest, a damaged frame included;
 finished files are never rewritten. PNGs are encoded with fixed options and no metadata
-(:mod:`handsynth.render.png`), so reruns give byte-identical files.
+(:mod:`handsynth.render.png`), so reruns give byte-identical files. :meth:`FrameRenderer.render` is a
+pipeline: a frame's files are written while the GL driver draws the next frame, and MANO runs a chunk of
+frames ahead; each frame's files are still exactly those of the frame rendered alone (tested).
 
 ``styles`` (``--style mesh,depth``) chooses which image sets one pass writes: all come from the same
 render of the same meshes, and the label (one per frame) lists each image under ``images``
