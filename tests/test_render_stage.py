@@ -471,14 +471,12 @@ def test_a_damaged_render_label_line_names_line_and_field(tmp_path, mano_dir, ih
     assert "line 1" in err and "hands[0].mano.pose" in err, err
 
 
-def test_the_pipeline_writes_each_frame_what_rendering_it_alone_writes(tmp_path, mano_dir, monkeypatch):
-    """FrameRenderer.render overlaps a frame's GL render with the previous frame's files and computes MANO a chunk
-    ahead: every frame's files must still be byte-identical to those of the frame rendered on its own, across
-    chunk boundaries, frames without a renderable hand, one- and two-hand frames, different image sizes and
-    both styles (depth read back too)."""
+def test_the_pipeline_writes_each_frame_what_rendering_it_alone_writes(tmp_path, mano_dir):
+    """FrameRenderer.render overlaps a frame's GL render with the previous frame's files and the next frame's MANO:
+    every frame's files must still be byte-identical to those of the frame rendered on its own, with frames
+    without a renderable hand, one- and two-hand frames, different image sizes and both styles (depth too)."""
     import handsynth.render.stage as stage
 
-    monkeypatch.setattr(stage, "CHUNK", 3)
     rng = np.random.default_rng(7)
     records = []
     for i in range(8):

@@ -6,8 +6,8 @@ that a rerun resumes the same run and records how the run ended. Every file is w
 image matches the sha256 its label recorded) and renders the rest, a damaged frame included;
 finished files are never rewritten. PNGs are encoded with fixed options and no metadata
 (:mod:`handsynth.render.png`), so reruns give byte-identical files. :meth:`FrameRenderer.render` is a
-pipeline: a frame's files are written while the GL driver draws the next frame, and MANO runs a chunk of
-frames ahead; each frame's files are still exactly those of the frame rendered alone (tested).
+pipeline: while the GL driver draws a frame, the previous frame's files are written and the next frame's MANO
+runs; each frame's files are still exactly those of the frame rendered alone (tested).
 
 ``styles`` (``--style mesh,depth``) chooses which image sets one pass writes: all come from the same
 render of the same meshes, and the label (one per frame) lists each image under ``images``
@@ -16,7 +16,6 @@ render of the same meshes, and the label (one per frame) lists each image under 
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io as _io
 import json
@@ -122,21 +121,19 @@ class FrameRenderer:
     def render(self, frames: list[Frame]) -> Iterator[FrameResult]:
         """Render ``frames``, yielding each one's result, in order, once its files are written.
 
-        A pipeline that keeps the GL driver drawing while Python works. Each frame's render is started
-        (:meth:`HandRenderer.start`); while the driver draws it (llvmpipe: in its own threads; a GPU: on its own),
-        the previous frame's files are written, and then it is read back. MANO and geometry run for
-        :data:`CHUNK` frames at a time, while the last frame of the chunk before is drawn: together they keep the
-        model in the CPU caches (between renders, which sweep the caches, MANO takes twice as long).
+        A pipeline that keeps the GL driver drawing while Python works: each frame's render is started
+        (:meth:`HandRenderer.start`), and while the driver draws it (llvmpipe: in its own threads; a GPU: on its
+        own) the previous frame's files are written and the next frame's MANO and geometry computed; then it is
+        read back.
         """
-        prepared = collections.deque(self.prepare(frame) for frame in frames[:CHUNK])
+        ahead = self.prepare(frames[0]) if frames else None
         drawn = None
         for i in range(len(frames)):
-            prep = prepared.popleft()
+            prep = ahead
             pending = self._start(prep)
             if drawn is not None:
                 yield self.finish(drawn)
-            if not prepared:
-                prepared.extend(self.prepare(frame) for frame in frames[i + 1:i + 1 + CHUNK])
+            ahead = self.prepare(frames[i + 1]) if i + 1 < len(frames) else None
             if pending is not None:
                 prep.views = pending.wait()
             drawn = prep
