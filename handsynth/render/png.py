@@ -4,11 +4,11 @@ Pillow chooses a PNG filter per row by trying all five, which costs about 15 ms 
 - more than rendering it on a GPU. Mesh and depth images are mostly black with smooth shading, so one
 fixed filter does as well: every row is stored with the "Up" filter (difference to the row above, which
 is zero on black rows and small on shaded ones) and deflated with the run-length strategy by zlib-ng
-(python-zlib-ng, zlib's API over the SIMD rewrite of zlib), which on these images is 7-8x faster than the
-standard library's zlib with the same strategy at the same size. Together that is about 20x faster than Pillow at
-``compress_level=1`` and gives about 15% smaller files here. The file is a plain 8-bit RGB PNG (IHDR, one
-IDAT, IEND; no metadata), so every PNG reader decodes exactly the pixels given, and the same pixels always
-give the same bytes with the same zlib-ng build.
+(python-zlib-ng, zlib's API over the SIMD rewrite of zlib), which on a rendered 640x480 mesh image is about
+3.5x faster than the standard library's zlib with the same strategy, at the same size. Together that is about
+8x faster than Pillow at ``compress_level=1`` (0.8 vs 7 ms) and gives about 20% smaller files. The file is a
+plain 8-bit RGB PNG (IHDR, one IDAT, IEND; no metadata), so every PNG reader decodes exactly the pixels given,
+and the same pixels always give the same bytes with the same zlib-ng build.
 """
 
 from __future__ import annotations
