@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,11 +39,12 @@ from handsynth.render.png import encode_png
 from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer,
                                        PendingRender, View, depth_image)
 
+if TYPE_CHECKING:
+    from handsynth.hand_model import HandModel
+
 STAGE = layout.STAGE
 LOCAL_SIZE = 512
-# Frames a FrameRenderer takes through each phase (MANO, GL, files) together: enough to keep each phase's data in
-# the CPU caches, few enough that a chunk of 4K frames' images (8 x 26 MB) stays small and an interrupted run
-# loses little.
+# Frames a worker process (--workers N) takes at a time: its own pipeline (FrameRenderer.render) runs over them.
 CHUNK = 8
 JPEG_QUALITY = 95
 UNITS = {"length": "metres", "image": "pixels, pixel centres at integers (OpenCV)",
@@ -109,7 +110,7 @@ class Prepared:
 class FrameRenderer:
     """Turns frames into their files in ``out`` with a (loaded) HandModel and its own HandRenderer."""
 
-    def __init__(self, out: Path, model, settings: Settings):
+    def __init__(self, out: Path, model: HandModel, settings: Settings):
         from handsynth.hand_model import JOINT_NAMES, JOINT_ORDER
 
         self.out = Path(out)
@@ -410,7 +411,8 @@ def _check_unique_keys(frames: list[Frame], source: Path) -> None:
                          fix="give every frame a unique id in the label file")
 
 
-def _render_frames(frames: list[Frame], out: Path, model, settings: Settings, workers: int) -> list[FrameResult]:
+def _render_frames(frames: list[Frame], out: Path, model: HandModel, settings: Settings,
+                   workers: int) -> list[FrameResult]:
     import torch
 
     results: list[FrameResult] = []
