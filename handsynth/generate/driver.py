@@ -157,7 +157,6 @@ def generate_run(recipe, inputs: Inputs, *, out: Path, start: int, count: int, b
     images_requested = Plan(recipe, inputs.frames, None).images(start, count)
     with run_dir(Path(out), prints, command).open(counts={"requested": count, "images_requested": images_requested},
                                                   **manifest) as run:
-        job = Job(recipe, inputs, run.out, start, count, batch_size, precision)
         with progress("images") as bar:
             task = bar.add_task("generate", total=images_requested)
             if pipe is not None:

@@ -37,6 +37,7 @@ from handsynth.generate import layout
 from handsynth.generate.frame import SampleFrames, resample, sample_frames
 from handsynth.generate.plan import Inputs, Plan, SampleSpec
 
+
 @dataclass(frozen=True)
 class Job:
     """What every worker of a run needs to know (picklable: sent to worker processes and Ray actors):

@@ -331,7 +331,7 @@ def run(trainer: Trainer, run_dir: rundir.RunDir, *, steps: int, manifest: dict[
         start = trainer.step
         if main_process:
             _trim_log(out / "log.jsonl", start)
-        writer = _tensorboard(out) if trainer.accelerator.is_main_process else None
+        writer = _tensorboard(out) if main_process else None
         last = None
         with progress("steps") as bar:
             task = bar.add_task("train", total=steps, completed=min(start, steps))
@@ -342,8 +342,7 @@ def run(trainer: Trainer, run_dir: rundir.RunDir, *, steps: int, manifest: dict[
                     raise InputError(f"the loss became {last} at step {trainer.step}", where=out / "log.jsonl",
                                      fix="lower train.learning_rate, or use model.precision fp32 or bf16")
                 bar.update(task, completed=trainer.step, description=f"train loss {last:.4f}")
-                main = trainer.accelerator.is_main_process
-                if main and (trainer.step % settings.log_every == 0 or trainer.step == steps):
+                if main_process and (trainer.step % settings.log_every == 0 or trainer.step == steps):
                     with open(out / "log.jsonl", "a", encoding="utf-8") as log:
                         log.write(json.dumps({"step": trainer.step, **logs}, sort_keys=True) + "\n")
                     if writer is not None:
@@ -351,15 +350,15 @@ def run(trainer: Trainer, run_dir: rundir.RunDir, *, steps: int, manifest: dict[
                             writer.add_scalar(f"train/{name}", value, trainer.step)
                 if trainer.step % settings.checkpoint_every == 0 or trainer.step == steps:
                     trainer.accelerator.wait_for_everyone()
-                    if main:
+                    if main_process:
                         trainer.save_checkpoint()
                         rd.update(step=trainer.step)
-                if settings.validate_every and trainer.step % settings.validate_every == 0 and main:
+                if settings.validate_every and trainer.step % settings.validate_every == 0 and main_process:
                     with torch.no_grad():
                         trainer.validate()
         if writer is not None:
             writer.close()
-        if trainer.step == start and trainer.accelerator.is_main_process and found is None:
+        if trainer.step == start and main_process and found is None:
             write_weights(trainer.module, out)
         elapsed = time.perf_counter() - started
         rd.finish(step=trainer.step, steps_this_run=trainer.step - start, elapsed_s=round(elapsed, 3))
