@@ -232,3 +232,56 @@ def test_many_view_sizes_recycle_framebuffers(renderer):
     for a, b, c in zip(first, again[::-1], at_once):
         assert a.color.tobytes() == b.color.tobytes() == c.color.tobytes() and a.color.any()
         assert a.depth.tobytes() == b.depth.tobytes() == c.depth.tobytes()
+
+
+def test_covered_region_bounds_the_silhouette_to_the_pixel():
+    """covered_region (no margin) against pyrender's own full-image render of meshes at random sub-pixel places:
+    every covered pixel lies inside it, and it is no more than a pixel larger than the silhouette on any side."""
+    from handsynth.render import renderer as module
+
+    hands = HandRenderer()
+    offscreen = module._offscreen(hands._pyrender)
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        centre = [rng.uniform(-0.08, 0.08), rng.uniform(-0.06, 0.06), rng.uniform(0.4, 0.9)]
+        vertices, faces = _sphere(centre, radius=rng.uniform(0.004, 0.03), subdivisions=2)
+        view = View(K * [[rng.uniform(0.8, 1.2)], [rng.uniform(0.8, 1.2)], [1]], SIZE)
+        hands.start([(vertices, faces)], [])                        # loads the mesh into the scene, draws nothing
+        own = hands._render_now(offscreen, view)                    # every pixel, as pyrender reads them
+        ys, xs = np.nonzero(own.mask)
+        x0, y0, x1, y1 = module.covered_region(vertices, view, margin=0)
+        assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+        assert xs.min() - x0 <= 1 and x1 - 1 - xs.max() <= 1 and ys.min() - y0 <= 1 and y1 - 1 - ys.max() <= 1
+
+
+def test_only_the_covered_region_is_drawn_and_read_yet_every_pixel_is_right(renderer):
+    """start() clears, draws, resolves and reads only covered_region of each view: after a render that filled
+    the framebuffers, renders of meshes crossing the image edges, outside it, or crossing the near plane (whole
+    image) must still equal pyrender's own full render and read of every pixel."""
+    from handsynth.render import renderer as module
+
+    offscreen = module._offscreen(renderer._pyrender)
+    views = [View(K, SIZE), View(K * [[2], [2], [1]], (512, 512))]
+    big = _sphere((0.0, 0.0, 0.3), radius=0.2)
+    body, cap = _asymmetric_mesh()
+    # a rod from 0.5 m in front of the camera to 0.3 m behind it, right of centre: its corners behind the camera
+    # project to the left, while what is drawn of it runs off the right edge
+    rod = trimesh.creation.box(extents=(0.02, 0.02, 0.8), transform=trimesh.transformations.translation_matrix(
+        [0.04, 0.0, 0.1]))
+    cases = {
+        "fills the image": [big],
+        "crosses the left and bottom edges": [(body[0] + [-0.13, 0.1, 0.0], body[1]), cap],
+        "outside the image": [(body[0] + [1.0, 0.0, 0.0], body[1])],
+        "crosses the near plane": [(big[0] + [0.0, 0.0, -0.29], big[1])],
+        "reaches behind the camera": [(np.asarray(rod.vertices), np.asarray(rod.faces))],
+    }
+    for case, meshes in cases.items():
+        got = renderer.render(meshes, views)
+        for view, rendering in zip(views, got):
+            own = renderer._render_now(offscreen, view)
+            assert rendering.color.tobytes() == own.color.tobytes(), case
+            assert rendering.depth.tobytes() == own.depth.tobytes(), case
+            region = module.covered_region(np.concatenate([v for v, _ in meshes]), view)
+            whole = case in ("fills the image", "crosses the near plane", "reaches behind the camera")
+            assert (region == (0, 0, *view.size)) == whole, case
+            assert (region == (0, 0, 0, 0)) == (case == "outside the image"), case

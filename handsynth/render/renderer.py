@@ -20,7 +20,10 @@ frame would do that twice a frame, so the framebuffers of the last few (size, sl
 and swapped back in (see _select_framebuffer). :meth:`HandRenderer.start` draws every view of a
 call into its own framebuffer and only flushes, so the driver draws (Mesa's llvmpipe in its own
 threads) while the caller works; :meth:`PendingRender.wait` then resolves and reads the views as
-pyrender's own read-back does. Each HandRenderer keeps one scene with its lights and
+pyrender's own read-back does. Only each view's :func:`covered_region` (the box of the projected vertices,
+the whole image when a mesh crosses the near plane) is cleared, drawn, resolved and read; every other pixel
+is background, so the bytes are those of a full render (tested), for a fraction of llvmpipe's per-pixel work
+and of the read-back, which nothing overlaps. Each HandRenderer keeps one scene with its lights and
 camera, and one pyrender mesh per hand slot (a MANO topology and its n-th use in a call): a call
 writes its vertices and smooth normals into that mesh's GL vertex buffer in place, hides the slots
 it does not use and draws the used ones in the order given, so no mesh is built or uploaded per
@@ -31,6 +34,7 @@ driver, whatever was rendered before.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -166,19 +170,27 @@ class HandRenderer:
         offscreen = _offscreen(pyrender)
         if not offscreen._platform.supports_framebuffers():      # OSMesa: pyrender draws and reads at once
             return PendingRender([self._render_now(offscreen, view) for view in views], depth)
+        from OpenGL import GL
+
         offscreen._platform.make_current()
         renderer, drawn = offscreen._renderer, []
+        camera_vertices = np.concatenate([np.asarray(v, dtype=np.float64) for v, _ in meshes]) if meshes else None
         for view in views:
             self._set_camera(view)
             size = (int(view.size[0]), int(view.size[1]))
             # a framebuffer per view of the call, so that no view is drawn over before it is read
             _select_framebuffer(offscreen, (*size, sum(d.size == size for d in drawn)))
             offscreen.viewport_width, offscreen.viewport_height = size
-            renderer._read_main_framebuffer = lambda scene, flags: drawn.append(_Drawn.flush(renderer))
+            # only the pixels the meshes can cover are cleared, drawn, resolved and read (the rest is background)
+            region = covered_region(camera_vertices, view)
+            renderer._read_main_framebuffer = lambda scene, flags: drawn.append(_Drawn.flush(renderer, region))
+            GL.glEnable(GL.GL_SCISSOR_TEST)
+            GL.glScissor(region[0], size[1] - region[3], region[2] - region[0], region[3] - region[1])
             try:
                 offscreen.render(scene)
             finally:
                 renderer.__dict__.pop("_read_main_framebuffer", None)
+                GL.glDisable(GL.GL_SCISSOR_TEST)
         return PendingRender(drawn, depth)
 
     def _set_camera(self, view: View) -> None:
@@ -214,40 +226,69 @@ class _Drawn:
     ms: int
     fb: int
     size: tuple[int, int]
+    region: tuple[int, int, int, int]         # x0, y0, x1, y1: the pixels the meshes may cover, rows top first
 
     @classmethod
-    def flush(cls, renderer) -> _Drawn:
+    def flush(cls, renderer, region: tuple[int, int, int, int]) -> _Drawn:
         """Stands in for pyrender's ``_read_main_framebuffer`` at the end of a render: instead of reading, flush,
         which sets the driver drawing (llvmpipe: in its own threads) while Python goes on."""
         from OpenGL import GL
 
         GL.glFlush()
-        return cls(renderer._main_fb_ms, renderer._main_fb, tuple(renderer._main_fb_dims))
+        return cls(renderer._main_fb_ms, renderer._main_fb, tuple(renderer._main_fb_dims), region)
 
     def read(self, depth: bool) -> Rendering:
         """What pyrender's ``_read_main_framebuffer`` reads: colour resolved by a linear blit and, with ``depth``,
         the depth buffer (nearest sample) as camera Z in metres, 0 where empty, by pyrender's formula; rows top
-        first. Waits for the driver to finish drawing the view."""
+        first. Only ``region`` is resolved and read: every pixel outside it is background (black, Z 0), as the
+        view's framebuffer was cleared to it. Waits for the driver to finish drawing the view."""
         from OpenGL import GL
 
-        _OFFSCREEN._platform.make_current()
         width, height = self.size
+        color = np.zeros((height, width, 3), dtype=np.uint8)
+        z = np.zeros((height, width), dtype=np.float32) if depth else None
+        x0, y0, x1, y1 = self.region
+        if x1 <= x0 or y1 <= y0:
+            return Rendering(color, z)
+        w, h, gl_y0 = x1 - x0, y1 - y0, height - y1            # GL counts rows from the bottom
+        _OFFSCREEN._platform.make_current()
         GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self.ms)
         GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self.fb)
-        GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, GL.GL_COLOR_BUFFER_BIT, GL.GL_LINEAR)
+        box = (x0, gl_y0, x1, gl_y0 + h)
+        GL.glBlitFramebuffer(*box, *box, GL.GL_COLOR_BUFFER_BIT, GL.GL_LINEAR)
         if depth:
-            GL.glBlitFramebuffer(0, 0, width, height, 0, 0, width, height, GL.GL_DEPTH_BUFFER_BIT, GL.GL_NEAREST)
+            GL.glBlitFramebuffer(*box, *box, GL.GL_DEPTH_BUFFER_BIT, GL.GL_NEAREST)
         GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self.fb)
-        data = GL.glReadPixels(0, 0, width, height, GL.GL_RGB, GL.GL_UNSIGNED_BYTE)
-        color = np.ascontiguousarray(np.flip(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3), axis=0))
-        z = None
+        data = GL.glReadPixels(x0, gl_y0, w, h, GL.GL_RGB, GL.GL_UNSIGNED_BYTE)
+        color[y0:y1, x0:x1] = np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)[::-1]
         if depth:
-            data = GL.glReadPixels(0, 0, width, height, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT)
-            buffer = np.flip(np.frombuffer(data, dtype=np.float32).reshape(height, width), axis=0)
+            data = GL.glReadPixels(x0, gl_y0, w, h, GL.GL_DEPTH_COMPONENT, GL.GL_FLOAT)
+            buffer = np.frombuffer(data, dtype=np.float32).reshape(h, w)[::-1]
             ndc = 2.0 * buffer - 1.0               # pyrender's linearisation, in float32 as pyrender computes it
-            z = np.where(buffer == 1.0, np.float32(0.0),
-                         (2.0 * ZNEAR * ZFAR) / (ZFAR + ZNEAR - ndc * (ZFAR - ZNEAR))).astype(np.float32)
+            z[y0:y1, x0:x1] = np.where(buffer == 1.0, np.float32(0.0),
+                                       (2.0 * ZNEAR * ZFAR) / (ZFAR + ZNEAR - ndc * (ZFAR - ZNEAR)))
         return Rendering(color, z)
+
+
+
+def covered_region(vertices: np.ndarray | None, view: View, margin: int = 2) -> tuple[int, int, int, int]:
+    """The pixels (x0, y0, x1, y1, exclusive ends, rows top first) that triangles on ``vertices`` (OpenCV camera
+    space) can cover in ``view``: the box of the projected vertices, widened by ``margin`` pixels for rounding,
+    within the image. A triangle lies in the box of its corners, so every pixel with a covered sample is inside.
+    The whole image when a vertex is not in front of the near plane (clipping makes the projection meaningless)."""
+    width, height = (int(s) for s in view.size)
+    if vertices is None or not len(vertices):
+        return 0, 0, 0, 0
+    z = vertices[:, 2]
+    if not np.all(z > ZNEAR * 1.001):
+        return 0, 0, width, height
+    (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
+    u, v = fx * vertices[:, 0] / z + cx, fy * vertices[:, 1] / z + cy
+    # pixel c spans [c - 0.5, c + 0.5) (centres at integers)
+    x0, x1 = math.floor(u.min() + 0.5) - margin, math.floor(u.max() + 0.5) + margin + 1
+    y0, y1 = math.floor(v.min() + 0.5) - margin, math.floor(v.max() + 0.5) + margin + 1
+    x0, x1, y0, y1 = max(x0, 0), min(x1, width), max(y0, 0), min(y1, height)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else (0, 0, 0, 0)
 
 
 def smooth_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
