@@ -148,20 +148,17 @@ class HandRenderer:
             return PendingRender([rendering for i in range(0, len(views), step)
                                   for rendering in self.start(meshes, views[i:i + step], depth=depth).wait()], depth)
         pyrender, scene = self._pyrender, self._scene
+        meshes = [m if isinstance(m, GLMesh) else GLMesh.of(*m) for m in meshes]
         used = []
-        for vertices, faces in meshes:
-            vertices = np.asarray(vertices, dtype=np.float64)
-            faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
-            positions = vertices @ _CV_TO_GL.T
-            node = next((n for f, n in self._slots if n not in used and np.array_equal(f, faces)), None)
+        for mesh in meshes:
+            node = next((n for f, n in self._slots if n not in used and np.array_equal(f, mesh.faces)), None)
             if node is None:
-                primitive = pyrender.Primitive(positions=positions, normals=smooth_normals(positions, faces),
-                                               indices=faces, material=self._material,
-                                               mode=pyrender.constants.GLTF.TRIANGLES)
+                primitive = pyrender.Primitive(positions=mesh.positions, normals=mesh.normals, indices=mesh.faces,
+                                               material=self._material, mode=pyrender.constants.GLTF.TRIANGLES)
                 node = scene.add(pyrender.Mesh([primitive]))
-                self._slots.append((faces, node))
+                self._slots.append((mesh.faces, node))
             else:
-                _replace_vertices(node.mesh, positions, smooth_normals(positions, faces))
+                _replace_vertices(node.mesh, mesh)
             used.append(node)
         for _, node in self._slots:
             node.mesh.is_visible = node in used
@@ -174,7 +171,7 @@ class HandRenderer:
 
         offscreen._platform.make_current()
         renderer, drawn = offscreen._renderer, []
-        camera_vertices = np.concatenate([np.asarray(v, dtype=np.float64) for v, _ in meshes]) if meshes else None
+        camera_vertices = np.concatenate([m.vertices for m in meshes]) if meshes else None
         for view in views:
             self._set_camera(view)
             size = (int(view.size[0]), int(view.size[1]))
@@ -307,17 +304,40 @@ def smooth_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return util.unitize(summed)
 
 
-def _replace_vertices(mesh, positions: np.ndarray, normals: np.ndarray) -> None:
-    """Give a one-primitive pyrender mesh new vertex positions and normals; when it is already in the GL
-    context, overwrite its vertex buffer in place (the layout pyrender uploads: float32 x, y, z, nx, ny, nz
-    per vertex) instead of deleting and re-creating its buffers."""
+@dataclass(frozen=True)
+class GLMesh:
+    """A mesh as :meth:`HandRenderer.start` draws it: ``vertices`` (V, 3) float64 in OpenCV camera space, ``faces``
+    wound outwards (:func:`oriented_faces`), ``positions`` and smooth ``normals`` (float32, as pyrender keeps them)
+    in OpenGL camera space, and ``buffer``, the vertex data as pyrender uploads it (x, y, z, nx, ny, nz per
+    vertex). ``start`` takes (vertices, faces) pairs too; a caller that builds these itself beforehand (while the
+    driver draws something else) takes that work off the render call."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    positions: np.ndarray
+    normals: np.ndarray
+    buffer: np.ndarray
+
+    @classmethod
+    def of(cls, vertices: np.ndarray, faces: np.ndarray) -> GLMesh:
+        vertices = np.asarray(vertices, dtype=np.float64)
+        faces = oriented_faces(vertices, np.asarray(faces, dtype=np.int64))
+        positions = vertices @ _CV_TO_GL.T
+        normals = smooth_normals(positions, faces).astype(np.float32)
+        positions = positions.astype(np.float32)
+        return cls(vertices, faces, positions, normals, np.hstack((positions, normals)))
+
+
+def _replace_vertices(mesh, new: GLMesh) -> None:
+    """Give a one-primitive pyrender mesh the positions and normals of ``new``; when it is already in the GL
+    context, overwrite its vertex buffer in place instead of deleting and re-creating its buffers."""
     from OpenGL import GL
 
     (primitive,) = mesh.primitives
-    primitive.positions, primitive.normals = positions, normals
+    primitive.positions, primitive.normals = new.positions, new.normals
     mesh._bounds = None
     if primitive._in_context():
-        data = np.ascontiguousarray(np.hstack((primitive.positions, primitive.normals)), dtype=np.float32)
+        data = new.buffer
         _OFFSCREEN._platform.make_current()
         GL.glBindBuffer(GL.GL_ARRAY_BUFFER, primitive._buffers[0])
         GL.glBufferSubData(GL.GL_ARRAY_BUFFER, 0, data.nbytes, data)

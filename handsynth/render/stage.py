@@ -36,8 +36,8 @@ from handsynth.errors import InputError
 from handsynth.labels.schema import Frame, Hand
 from handsynth.render import geometry, layout
 from handsynth.render.png import encode_png
-from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, HandRenderer,
-                                       PendingRender, View, depth_image)
+from handsynth.render.renderer import (BASE_COLOR, DEPTH_FAR_LEVEL, LIGHTS, STYLES, ZFAR, ZNEAR, GLMesh,
+                                       HandRenderer, PendingRender, View, depth_image)
 
 if TYPE_CHECKING:
     from handsynth.hand_model import HandModel
@@ -159,7 +159,7 @@ class FrameRenderer:
             return None
         size = self.settings.local_size
         return self.renderer.start(
-            [(h["vertices"], h["faces"]) for h in prep.hands],
+            [h["mesh"] for h in prep.hands],
             [View(prep.frame.camera.K, tuple(prep.frame.image_size)), View(prep.K_local, (size, size))],
             depth="depth" in self.settings.styles)
 
@@ -212,7 +212,8 @@ class FrameRenderer:
                 if reason:
                     skips[reason] += 1
                     continue
-                placed[i] = {"hand": hand, "vertices": v_cam, "faces": faces, "joints": j_cam, "box": box,
+                # the mesh as the renderer draws it, built here, while the driver draws the previous frame
+                placed[i] = {"hand": hand, "mesh": GLMesh.of(v_cam, faces), "joints": j_cam, "box": box,
                              "joints_2d": geometry.project(j_cam, frame.camera.K)}
         return [placed[i] for i in sorted(placed)]
 
@@ -250,7 +251,7 @@ def _hand_label(h: dict[str, Any]) -> dict[str, Any]:
         "joints_cam": h["joints"].tolist(),
         "joints_2d": h["joints_2d"].tolist(),
         "box": h["box"].tolist(),
-        "vertices_sha256": hashlib.sha256(np.ascontiguousarray(h["vertices"], dtype="<f8").tobytes()).hexdigest(),
+        "vertices_sha256": hashlib.sha256(h["mesh"].vertices.astype("<f8").tobytes()).hexdigest(),
         "vertices_encoding": "camera-space vertices (778, 3) metres as little-endian float64, C order",
     }
 
