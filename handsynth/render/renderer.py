@@ -272,7 +272,8 @@ def covered_region(vertices: np.ndarray | None, view: View, margin: int = 2) -> 
     """The pixels (x0, y0, x1, y1, exclusive ends, rows top first) that triangles on ``vertices`` (OpenCV camera
     space) can cover in ``view``: the box of the projected vertices, widened by ``margin`` pixels for rounding,
     within the image. A triangle lies in the box of its corners, so every pixel with a covered sample is inside.
-    The whole image when a vertex is not in front of the near plane (clipping makes the projection meaningless)."""
+    The whole image when a vertex is not in front of the near plane (clipping makes the projection meaningless)
+    or not finite."""
     width, height = (int(s) for s in view.size)
     if vertices is None or not len(vertices):
         return 0, 0, 0, 0
@@ -281,6 +282,8 @@ def covered_region(vertices: np.ndarray | None, view: View, margin: int = 2) -> 
         return 0, 0, width, height
     (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
     u, v = fx * vertices[:, 0] / z + cx, fy * vertices[:, 1] / z + cy
+    if not (np.isfinite(u).all() and np.isfinite(v).all()):
+        return 0, 0, width, height
     # pixel c spans [c - 0.5, c + 0.5) (centres at integers)
     x0, x1 = math.floor(u.min() + 0.5) - margin, math.floor(u.max() + 0.5) + margin + 1
     y0, y1 = math.floor(v.min() + 0.5) - margin, math.floor(v.max() + 0.5) + margin + 1
