@@ -413,6 +413,65 @@ def test_build_hand_model_from_a_wheel(tmp_path, capsys):
                  "--hand-wheel", str(tmp_path / "missing.whl")]) == 3
 
 
+
+# --- several runs compared ----------------------------------------------------------------------
+
+def test_comparing_runs_scores_each_as_alone_against_one_real_set(scene_run, evaluated, hand_scene_render_run,
+                                                                  hand_task_file, tiny_extractor, tmp_path,
+                                                                  monkeypatch, capsys):
+    """`evaluate --run A --run B`: each run's figures are those of evaluating it alone, the real set is computed
+    once (for the first run) and shared, and the table marks the run with all samples misaligned as worse."""
+    weights = tmp_path / inception.INCEPTION_FILE
+    weights.write_bytes(b"stands for the weights; the tiny extractor is loaded instead")
+    monkeypatch.setattr(inception, "find_weights", lambda path: weights)
+    monkeypatch.setattr(inception, "load_inception", lambda path, device="cpu": tiny_extractor)
+    worse = make_scene_generate_run(tmp_path / "worse", hand_scene_render_run, planted=tuple(range(6)))
+    comparison = tmp_path / "cmp"
+    code = main(["evaluate", "--run", str(scene_run), "--run", str(worse), "--hand-model", str(hand_task_file),
+                 "--comparison", str(comparison)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads((comparison / "comparison.json").read_text())
+    summaries = [json.loads((run / "evaluation" / "summary.json").read_text()) for run in (scene_run, worse)]
+    for row, run, summary in zip(record["runs"], (scene_run, worse), summaries):
+        assert row["run"] == str(run.resolve()) and row["figures"] == summary["figures"]["generated"]
+        assert row["images"] == 6 and row["method"] == "Stable Diffusion alone (guidance none)"
+    assert record["real"]["figures"] == summaries[0]["figures"]["real"] == summaries[1]["figures"]["real"]
+    assert list((scene_run / "evaluation" / "cache").glob("real-*.npz"))          # computed for the first run
+    assert not list((worse / "evaluation" / "cache").glob("real-*.npz"))          # and shared with the second
+    alone = evaluated[1]["figures"]                       # the first run evaluated on its own (the stage)
+    for key in ("fid", "kid", "fid_h", "kid_h", "hand_conf", "mse_2d", "detection_rate"):
+        assert record["runs"][0]["figures"][key] == pytest.approx(alone["generated"][key], rel=1e-6), key
+        assert record["real"]["figures"][key] == pytest.approx(alone["real"][key], rel=1e-6), key
+    a, b = (row["figures"]["mse_2d"] for row in record["runs"])
+    assert a < b
+    markdown = (comparison / "comparison.md").read_text()
+    assert f"**{a:.4g}**" in markdown and f"**{b:.4g}**" not in markdown
+    assert markdown.count("\n| ") == 4 and "| paper | AttentionHand w/ TAS" in markdown     # 2 runs, real, paper
+    out = " ".join(captured.out.split())
+    assert scene_run.name in out and worse.name in out and "20.71" in out
+
+
+def test_comparison_needs_one_real_set_and_distinct_runs(small_render_run, scene_run, tmp_path, capsys):
+    other = make_generate_run(tmp_path / "other", small_render_run, 2)
+    for args, message in (
+            (["--run", str(scene_run), "--run", str(other)], "different render runs"),
+            (["--run", str(scene_run), "--run", str(scene_run)], "given twice"),
+            (["--run", str(scene_run), "--run", str(other), "--out", str(tmp_path / "e")], "--comparison")):
+        assert main(["evaluate", *args, "--comparison", str(tmp_path / "cmp")]) == 2
+        assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "cmp").exists() and not (other / "evaluation").exists()
+
+
+def test_method_of_a_run_from_its_manifest():
+    from handsynth.evaluate.compare import method_of
+
+    assert method_of({"model": {"guidance": "models/attentionhand"}, "recipe": {"resolved": {"tas": {
+        "enabled": True}}}}) == "guidance models/attentionhand, TAS on"
+    assert method_of({"model": {"guidance": "none"}, "recipe": {"resolved": {"tas": {"enabled": False}}}}) == \
+        "Stable Diffusion alone (guidance none), TAS off"
+
+
 # --- the gate ---------------------------------------------------------------------------------
 
 def test_export_gate_drops_exactly_the_planted_samples(scene_run, evaluated, tmp_path, capsys):

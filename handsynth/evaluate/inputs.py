@@ -45,6 +45,7 @@ class GeneratedSet:
     run: Path
     render_run: Path
     items: list[Item]
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def _array(value: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -129,7 +130,7 @@ def generated_set(run: Path) -> GeneratedSet:
                           _sample_hands(record, hands, label, sample.image, sample.record_path),
                           source.render_run / mesh if mesh else None,
                           {"index": sample.index, "frame": sample.frame}))
-    return GeneratedSet(source.path, source.render_run, items)
+    return GeneratedSet(source.path, source.render_run, items, source.manifest)
 
 
 def real_set(real: Path) -> tuple[list[Item], str]:

@@ -205,8 +205,11 @@ def protocol_record(*, inception: dict[str, Any] | None, hand_model: dict[str, A
 
 def run_evaluation(generated: list[Item], real: list[Item] | None, out: Path, *, extractor=None,
                    landmarker=None, protocol: dict[str, Any], skipped: dict[str, str], inputs: dict[str, Any],
-                   device: str = "cpu", command: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate ``generated`` against ``real`` into ``out``; returns the summary written to summary.json."""
+                   device: str = "cpu", command: list[str] | None = None,
+                   shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``generated`` against ``real`` into ``out``; returns the summary written to summary.json.
+    ``shared``: a dict kept across the evaluations of several runs against the same ``real`` items and
+    protocol; the real set is then computed for the first of them only."""
     from handsynth.evaluate.report import write_report
 
     started = time.perf_counter()
@@ -222,7 +225,12 @@ def run_evaluation(generated: list[Item], real: list[Item] | None, out: Path, *,
         sets = {"generated": fake}
         figures: dict[str, Any] = {"generated": {}, "real": {}}
         if real:
-            sets["real"] = evaluate_set("real", real, evaluator, cache, protocol)
+            if shared is not None and "real" in shared:
+                sets["real"] = shared["real"]
+            else:
+                sets["real"] = evaluate_set("real", real, evaluator, cache, protocol)
+                if shared is not None:
+                    shared["real"] = sets["real"]
             if extractor is not None:
                 figures["generated"].update(distribution_figures(sets["real"], fake))
                 # the real set against itself split in two halves: how low FID/KID go for real images
