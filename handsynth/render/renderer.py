@@ -137,18 +137,18 @@ class HandRenderer:
         reads back the colour only (``Rendering.depth`` None), which saves the depth read-back."""
         return self.start(meshes, views, depth=depth).wait()
 
-    def start(self, meshes: Sequence[Mesh], views: Sequence[View], *, depth: bool = True) -> PendingRender:
+    def start(self, meshes: Sequence[Mesh | GLMesh], views: Sequence[View], *, depth: bool = True) -> PendingRender:
         """Like :meth:`render`, but return once the GL commands are issued: the GL driver draws meanwhile (Mesa's
         llvmpipe in its own threads, a GPU on its own), while the caller does other work; ``.wait()`` reads the
         images back. Call ``wait`` before the next ``start`` or ``render`` of the process (they share the GL
         context, the framebuffers and the meshes). Each view is drawn into a multisampled framebuffer of its own
         and flushed; the read-back resolves it as pyrender's own read does (same bytes, tested)."""
+        meshes = [m if isinstance(m, GLMesh) else GLMesh.of(*m) for m in meshes]
         if len(views) > MAX_KEPT_FRAMEBUFFERS:          # more views than kept framebuffers: read back in groups
             step = MAX_KEPT_FRAMEBUFFERS
             return PendingRender([rendering for i in range(0, len(views), step)
                                   for rendering in self.start(meshes, views[i:i + step], depth=depth).wait()], depth)
         pyrender, scene = self._pyrender, self._scene
-        meshes = [m if isinstance(m, GLMesh) else GLMesh.of(*m) for m in meshes]
         used = []
         for mesh in meshes:
             node = next((n for f, n in self._slots if n not in used and np.array_equal(f, mesh.faces)), None)
@@ -267,7 +267,6 @@ class _Drawn:
         return Rendering(color, z)
 
 
-
 def covered_region(vertices: np.ndarray | None, view: View, margin: int = 2) -> tuple[int, int, int, int]:
     """The pixels (x0, y0, x1, y1, exclusive ends, rows top first) that triangles on ``vertices`` (OpenCV camera
     space) can cover in ``view``: the box of the projected vertices, widened by ``margin`` pixels for rounding,
@@ -340,10 +339,9 @@ def _replace_vertices(mesh, new: GLMesh) -> None:
     primitive.positions, primitive.normals = new.positions, new.normals
     mesh._bounds = None
     if primitive._in_context():
-        data = new.buffer
         _OFFSCREEN._platform.make_current()
         GL.glBindBuffer(GL.GL_ARRAY_BUFFER, primitive._buffers[0])
-        GL.glBufferSubData(GL.GL_ARRAY_BUFFER, 0, data.nbytes, data)
+        GL.glBufferSubData(GL.GL_ARRAY_BUFFER, 0, new.buffer.nbytes, new.buffer)
         GL.glBindBuffer(GL.GL_ARRAY_BUFFER, 0)
 
 
