@@ -10,7 +10,8 @@ alternating order):
       local mesh image (PNG) and the label file per frame, written atomically, into a new folder;
   (b) raw pyrender frames per second: the same two 778-vertex hand meshes, material and lights
       rendered by a bare OffscreenRenderer, ``--frames`` times at the global viewport and then as
-      many times at the local viewport (no size switching, nothing else);
+      many times at the local viewport (no size switching, nothing else). It clears, draws and reads
+      every pixel, as a plain pyrender loop does; (a) does so only where the hands can be (same bytes);
 
 A "pair" is one global + one local render - the rendering work one condition needs. Each repeat
 gives a ratio (a) / (b pairs per second); the last line is the median of these ratios,
