@@ -30,7 +30,7 @@ def _has(module: str) -> bool:
 
 def evaluate(
     run: Annotated[Optional[list[Path]], typer.Option(
-        help="Generate run to evaluate (default: the newest generate run under ./runs/). Repeat it to compare "
+        metavar="<path>", help="Generate run to evaluate (default: the newest generate run under ./runs/). Repeat it to compare "
              "runs (e.g. guidance none / a depth ControlNet / AttentionHand): each is evaluated into "
              "<run>/evaluation against one real set and a table in the shape of the paper's Table 1 is printed "
              "and written to --comparison.")] = None,
@@ -61,7 +61,8 @@ def evaluate(
         help="torch device for the Inception features (default: cuda when available, else cpu).")] = None,
 ) -> None:
     """Score a generate run: FID/KID on whole images, FID-H/KID-H on hand crops (against the real set), and
-    per hand MediaPipe's confidence, 2D/3D keypoint errors against the labels, PCK and handedness.
+    per hand MediaPipe's confidence, 2D/3D keypoint errors against the labels, PCK and handedness. Several --run:
+    each is scored against one real set and the runs are compared in a table (the paper's Table 1).
 
     Writes summary.json, samples.jsonl (per-sample scores that `handsynth export --min-hand-score --max-keypoint-error` filters on) and report.html. Missing Inception weights or hand model skip those figures (and say how to get them); everything else is still computed.
     """
