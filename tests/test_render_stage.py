@@ -409,6 +409,83 @@ def test_worker_processes_give_the_same_files(ih_run, tmp_path, mano_dir):
     assert _files(tmp_path / "two") == _files(out)
 
 
+# Run in a subprocess with a time limit: were the parent to wait for a lost worker forever, the test fails
+# instead of hanging the suite.
+_WORKER_SCRIPT = """
+import os, shutil, signal, sys, threading, time
+from pathlib import Path
+
+from handsynth.hand_model import HandModel
+from handsynth.labels import read_labels
+from handsynth.render import stage
+
+labels, mano, out, case = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+
+
+def kill_a_worker():
+    # SIGKILL one worker process once the workers have written a label
+    while not any((out / "labels").glob("*.json")):
+        time.sleep(0.01)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"spawn_main" in cmdline:
+            os.kill(int(stat.parent.name), signal.SIGKILL)
+            return
+
+
+if __name__ == "__main__":
+    try:
+        if case == "init":        # the MANO folder is gone by the time the workers load it
+            frames = read_labels(labels).frames
+            copy = out.parent / "mano-copy"
+            shutil.copytree(mano, copy)
+            model = HandModel(copy)
+            shutil.rmtree(copy)
+            stage._render_frames(frames, out, model, stage.Settings(), 2)
+        else:
+            threading.Thread(target=kill_a_worker, daemon=True).start()
+            stage.render_run(labels, out, mano_dir=mano, workers=2)
+    except Exception as exc:
+        print("raised", type(exc).__name__, exc)
+"""
+
+
+def _run_workers(tmp_path: Path, mano_dir: Path, case: str, frames: int) -> tuple[str, Path, Path]:
+    import subprocess
+    import sys
+
+    labels = write_jsonl(tmp_path / "many.jsonl", [jsonl_record(f"f{i:03d}", hands=[{
+        "side": "right", "pose": [0.01 * ((i + j) % 7) for j in range(48)], "shape": [0.0] * 10,
+        "trans": [0.02, -0.01, 0.6]}]) for i in range(frames)])
+    script = tmp_path / "workers.py"
+    script.write_text(_WORKER_SCRIPT)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(script), str(labels), str(mano_dir), str(out), case],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    return done.stdout, labels, out
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_its_error(tmp_path, mano_dir):
+    said, _, _ = _run_workers(tmp_path, mano_dir, "init", 4)
+    assert said.startswith("raised MissingResourceError the MANO folder named by") and "does not exist" in said
+
+
+def test_a_killed_worker_ends_the_run_with_an_error_and_the_rerun_finishes_it(tmp_path, mano_dir):
+    said, labels, out = _run_workers(tmp_path, mano_dir, "kill", 96)
+    assert said.startswith("raised RuntimeError a render worker process stopped abruptly"), said
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    done_before = {p.name for p in (out / "labels").glob("*.json")}
+    assert 0 < len(done_before) < 96
+    render_run(labels, out, mano_dir=mano_dir)                    # the same command again: resumes
+    render_run(labels, tmp_path / "alone", mano_dir=mano_dir)     # and the run never interrupted
+    assert _files(out) == _files(tmp_path / "alone")
+
+
 def test_an_image_larger_than_the_renderer_can_draw_is_refused_before_any_output(tmp_path, mano_dir, capsys):
     from handsynth.render.renderer import max_render_size
 

@@ -432,36 +432,56 @@ def _render_frames(frames: list[Frame], out: Path, model: HandModel, settings: S
                 torch.set_num_threads(threads)
         else:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures.process import BrokenProcessPool
 
-            ctx = multiprocessing.get_context("spawn")     # EGL contexts do not survive fork
-            with ctx.Pool(min(workers, len(frames)), initializer=_init_worker,
-                          initargs=(out, model.root, settings, os.getpid())) as pool:
-                for chunk_results in pool.imap_unordered(_work, _chunks(frames, workers)):
+            # spawn: EGL contexts do not survive fork. An executor, not multiprocessing.Pool: a worker that dies
+            # (killed, out of memory, a crash in the GL driver) breaks it and ends the run with an error, where a
+            # Pool would wait forever for that worker's chunk
+            executor = ProcessPoolExecutor(min(workers, len(frames)), mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_init_worker, initargs=(out, model.root, settings, os.getpid()))
+            try:
+                for future in as_completed([executor.submit(_work, chunk) for chunk in _chunks(frames, workers)]):
+                    chunk_results = future.result()
                     results.extend(chunk_results)
                     bar.advance(task, len(chunk_results))
+            except BrokenProcessPool:
+                raise RuntimeError("a render worker process stopped abruptly (killed? out of memory? a crash in the "
+                                   "GL driver?); the frames written so far are kept: rerun the same command to "
+                                   "render the rest") from None
+            finally:
+                executor.shutdown(wait=True, cancel_futures=True)     # chunks under way finish (a few frames)
     return results
 
 
 _WORKER: FrameRenderer | None = None
 _PARENT: int | None = None
+_INIT_ERROR: Exception | None = None
 
 
 def _init_worker(out: Path, mano_dir: Path, settings: Settings, parent: int) -> None:
     """Set up a worker process. MANO on a frame's one or two hands is tiny: torch's thread pool
-    costs far more than it saves there (65 ms vs 1.5 ms per forward on a busy 2-core machine)."""
-    global _WORKER, _PARENT
+    costs far more than it saves there (65 ms vs 1.5 ms per forward on a busy 2-core machine). An error
+    is kept and raised by the worker's first chunk, so that the run stops with its message."""
+    global _WORKER, _PARENT, _INIT_ERROR
     import torch
 
     from handsynth.hand_model import HandModel
 
     torch.set_num_threads(1)
-    _WORKER, _PARENT = FrameRenderer(out, HandModel(mano_dir), settings), parent
+    _PARENT = parent
+    try:
+        _WORKER = FrameRenderer(out, HandModel(mano_dir), settings)
+    except Exception as exc:  # noqa: BLE001 - any error: the parent shows it
+        _INIT_ERROR = exc
 
 
 def _work(frames: list[Frame]) -> list[FrameResult]:
-    assert _WORKER is not None
     if os.getppid() != _PARENT:     # the run was killed: stop, the folder may belong to a resumed run now
         os._exit(1)
+    if _INIT_ERROR is not None:
+        raise _INIT_ERROR
+    assert _WORKER is not None
     return list(_WORKER.render(frames))
 
 
