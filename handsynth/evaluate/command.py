@@ -30,7 +30,8 @@ def _has(module: str) -> bool:
 
 def evaluate(
     run: Annotated[Optional[list[Path]], typer.Option(
-        metavar="<path>", help="Generate run to evaluate (default: the newest generate run under ./runs/). Repeat it to compare "
+        metavar="<path>",
+        help="Generate run to evaluate (default: the newest generate run under ./runs/). Repeat it to compare "
              "runs (e.g. guidance none / a depth ControlNet / AttentionHand): each is evaluated into "
              "<run>/evaluation against one real set and a table in the shape of the paper's Table 1 is printed "
              "and written to --comparison.")] = None,

@@ -279,7 +279,7 @@ def covered_region(vertices: np.ndarray | None, view: View, margin: int = 2) -> 
     z = vertices[:, 2]
     if not np.all(z > ZNEAR * 1.001):
         return 0, 0, width, height
-    (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)
+    (fx, _, cx), (_, fy, cy), _ = np.asarray(view.K, dtype=np.float64)     # the camera as _set_camera draws it
     u, v = fx * vertices[:, 0] / z + cx, fy * vertices[:, 1] / z + cy
     if not (np.isfinite(u).all() and np.isfinite(v).all()):
         return 0, 0, width, height
